@@ -55,6 +55,111 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fila_export.export import export_artifacts
+
+    stages = [s for part in args.stages or [] for s in part.split(",") if s]
+    precisions = ["fp32"] + (["fp16"] if args.precision == "fp16" else [])
+    manifest = export_artifacts(args.checkpoint, args.out, precisions=precisions, stages=stages,
+                                force=args.force, max_context=args.max_context)  # fmt: skip
+    total = sum(s["export_seconds"] for s in manifest.stages.values())
+    print(f"exported {len(manifest.stages)} stage(s) ({', '.join(precisions)}) to {args.out} "
+          f"in {total:.1f} s")  # fmt: skip
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from fila_export.validate import validate, write_json
+
+    report = validate(args.artifacts, args.checkpoint, args.images, backend=args.backend,
+                      precision=args.precision, tokens=args.tokens,
+                      max_images=args.max_images)  # fmt: skip
+    print(report.markdown())
+    if args.json:
+        write_json(report, args.json)
+    return 0 if report.passed else 1
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "seed": args.seed, "repetition_penalty": args.repetition_penalty}  # fmt: skip
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from runtime.pipeline import FilaPipeline
+
+    pipe = FilaPipeline.from_artifacts(args.artifacts, backend=args.backend,
+                                       precision=args.precision, **_runner_options(args))  # fmt: skip
+    stream = None if args.quiet else (lambda piece: print(piece, end="", flush=True))
+    result = pipe.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                           raw_prompt=args.raw_prompt, stop=args.stop or (), on_text=stream,
+                           **_sampling(args))  # fmt: skip
+    if stream:
+        print()
+    elif not args.json:
+        print(result.text)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Multi-turn session on one image: each turn sees the earlier questions and answers."""
+    from runtime.errors import FilaError as _FilaError
+    from runtime.pipeline import FilaPipeline
+
+    pipe = FilaPipeline.from_artifacts(args.artifacts, backend=args.backend,
+                                       precision=args.precision, **_runner_options(args))  # fmt: skip
+    history: list[tuple[str, str]] = []
+    print("fila chat: type a question, an empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            question = input("> ")
+        except EOFError:
+            break
+        if not question.strip():
+            break
+        try:
+            result = pipe.generate(args.image, question, max_new_tokens=args.max_new_tokens,
+                                   history=history, on_text=lambda p: print(p, end="", flush=True),
+                                   **_sampling(args))  # fmt: skip
+        except _FilaError as exc:  # keep the session alive: report and take the next question
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        print()
+        if not history:
+            question = "<image>\n" + question
+        history.append((question, result.text))
+    return 0
+
+
+def _runner_options(args: argparse.Namespace) -> dict:
+    opts = {}
+    if args.backend == "onnxruntime":
+        if args.providers:
+            opts["providers"] = args.providers.split(",")
+        if args.threads:
+            opts["threads"] = args.threads
+    return opts
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+
+
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifacts", required=True, help="folder written by fila export")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--precision", default="fp32", help="stage variant: fp32, fp16, int8, w8, w4")
+    p.add_argument("--providers", help="onnxruntime providers, e.g. cuda,cpu (default: cpu)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fila", description="Export, build, run, validate and benchmark FILA models."
@@ -81,6 +186,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-prompt", action="store_true", help="skip the chat template")
     p.add_argument("--json", action="store_true", help="also print a JSON line")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="export every stage to ONNX with a manifest")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16 also writes strongly typed fp16 variants")  # fmt: skip
+    p.add_argument("--stages", nargs="+", help="only these stages (default: all)")
+    p.add_argument("--max-context", type=int, help="decoder context (default: model's, <= 4096)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("validate", help="per-stage and end-to-end parity against PyTorch")
+    p.add_argument("--artifacts", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--images", help="folder of real images (default: examples/)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--tokens", type=int, default=32, help="greedy tokens compared per image")
+    p.add_argument("--max-images", type=int, default=3)
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="answer with the torch-free runtime (streams text)")
+    _add_backend(p)
+    p.add_argument("--image", action="append", required=True, help="image path (repeatable)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw-prompt", action="store_true",
+                   help="no chat template; <image> stays where written (first if absent)")  # fmt: skip
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print a JSON result as the last line")
+    p.add_argument("--quiet", action="store_true", help="no streaming")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="multi-turn session on one image")
+    _add_backend(p)
+    p.add_argument("--image", required=True)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

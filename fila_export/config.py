@@ -364,7 +364,9 @@ def _tiny() -> FilaConfig:
         text=_text("llama", 512, 64, 128, 2, 4, 2, 4096),
         convnext=ConvNextConfig(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32]),
         interaction_layers=[1, 2, 3, 4],
+        # a 1x1 canvas too, so tests cover every crop count from 1 to 4 sub-images
         image_grid_pinpoints=[
+            [tile, tile],
             [tile, 2 * tile],
             [2 * tile, tile],
             [2 * tile, 2 * tile],

@@ -25,7 +25,12 @@ def ensure_new_folder(path: str | Path, force: bool) -> Path:
             )
         shutil.rmtree(path)
     parent = path.parent if str(path.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create {parent} ({exc.strerror}); choose a writable --out"
+        ) from exc
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write to {parent}; choose a writable --out")
     return path

@@ -72,3 +72,22 @@ def real_images() -> dict[str, Image.Image]:
     }
     out["grace_hopper"] = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported (fp32 + fp16), once per session."""
+    from fila_export.export import export_artifacts
+
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    export_artifacts(tiny_checkpoint, out, precisions=["fp32", "fp16"], progress=False)
+    return out
+
+
+def run_fila(*args: str, stdin: str | None = None, env: dict | None = None):
+    """The `fila` CLI in a subprocess, as a user runs it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "fila_export.cli", *args], cwd=ROOT, input=stdin,
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip

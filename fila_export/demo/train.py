@@ -1,0 +1,293 @@
+"""Training the demo FILA on the synthetic reading task (CPU, from scratch).
+
+Answer tokens (+ EOS) carry the loss; the vision part is batched by anyres canvas (same tile count,
+same ConvNeXt view size) and the LLM part by right padding. Evaluation goes through the model's own
+inference path: ``encode_image`` + greedy ``generate``, one request at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fila_export.demo import data
+from fila_export.model import FilaForConditionalGeneration, ImageFeatures
+from fila_export.model import vision as V
+from runtime.preprocess import PreprocessedImage, preprocess
+from runtime.prompt import PromptBuilder, expand_image_tokens
+
+IGNORE = -100
+
+
+def demo_prompts(vocab_size: int):
+    """The tokenizer (same BPE ``save_checkpoint`` writes for this vocab) and its chat prompts."""
+    from fila_export.tokenizer import CHAT_TEMPLATE, build_tokenizer
+
+    return PromptBuilder(build_tokenizer(min(vocab_size, 4096)), CHAT_TEMPLATE)
+
+
+@dataclass
+class Example:
+    """One sample ready for the model."""
+
+    image: PreprocessedImage
+    prompt_ids: list[int]  # BOS + chat prompt, image placeholder expanded
+    answer_ids: list[int]  # answer tokens + EOS: the only positions with a loss
+
+
+def prompt_ids(prompts: PromptBuilder, question: str) -> list[int]:
+    return prompts.encode(prompts.format(question, num_images=1))
+
+
+def answer_ids(prompts: PromptBuilder, answer: str) -> list[int]:
+    """Tokens the model must produce after ``ASSISTANT:``: `` answer`` then EOS."""
+    ids = prompts.tokenizer.encode(" " + answer, add_special_tokens=False).ids
+    return [*ids, *prompts.eos_token_ids]
+
+
+def make_example(sample: data.Sample, prompts: PromptBuilder, model_config) -> Example:
+    from fila_export.config import preprocess_config
+    from runtime.preprocess import num_image_tokens
+
+    pcfg = preprocess_config(model_config)
+    image = preprocess(sample.image, pcfg)
+    count = num_image_tokens(image.image_size, pcfg)
+    ids = expand_image_tokens(
+        prompt_ids(prompts, sample.question), model_config.image_token_index, [count]
+    )
+    return Example(image, ids, answer_ids(prompts, sample.answer))
+
+
+def encode_images(
+    model: FilaForConditionalGeneration, images: Sequence[PreprocessedImage]
+) -> list[ImageFeatures]:
+    """``encode_image`` for many images at once: one ViT/ConvNeXt call per canvas shape."""
+    cfg = model.config
+    dtype = model.multi_modal_projector.linear_1.weight.dtype
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.canvas), []).append(i)
+    out: list[ImageFeatures | None] = [None] * len(images)
+    for members in groups.values():
+        tiles = [images[i].pixel_values.shape[0] for i in members]
+        pixels = torch.cat([torch.from_numpy(images[i].pixel_values) for i in members]).to(dtype)
+        hidden = V.vit_embed(model.vision_tower, pixels)
+        maps = []
+        if model.convnext is not None:
+            views = torch.cat([torch.from_numpy(images[i].global_view) for i in members]).to(dtype)
+            maps = V.convnext_maps(model.convnext, views)
+        for k, (start, end) in enumerate(V.vit_segments(cfg)):
+            hidden = V.run_vit_layers(model.vision_tower, hidden, start, end)
+            if k < len(maps):
+                parts = hidden.split(tiles)
+                hidden = torch.cat(
+                    [model.cvfm[k](p, maps[k][j : j + 1]) for j, p in enumerate(parts)]
+                )
+        feats = V.select_features(hidden, cfg.vision_feature_select_strategy)
+        projected = model.multi_modal_projector(feats)
+        for i, p in zip(members, projected.split(tiles), strict=True):
+            out[i] = ImageFeatures(model.pack(p, images[i]))
+    return out  # type: ignore[return-value]
+
+
+def collate(examples: Sequence[Example], pad_id: int = 0):
+    """Right-padded (input_ids, attention_mask, labels); labels only on answer tokens + EOS."""
+    seqs = [ex.prompt_ids + ex.answer_ids for ex in examples]
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
+    for b, (ex, seq) in enumerate(zip(examples, seqs, strict=True)):
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+        n = len(ex.prompt_ids)
+        labels[b, n : len(seq)] = torch.tensor(ex.answer_ids)
+    return ids, mask, labels
+
+
+def batch_loss(model: FilaForConditionalGeneration, examples: Sequence[Example]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (+ EOS), teacher-forced."""
+    ids, mask, labels = collate(examples)
+    feats = encode_images(model, [ex.image for ex in examples])
+    logits = model(ids, feats, attention_mask=mask)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE,
+    )
+
+
+@torch.no_grad()
+def answer(
+    model: FilaForConditionalGeneration,
+    prompts: PromptBuilder,
+    sample: data.Sample,
+    max_new_tokens: int = 10,
+) -> str:
+    """Greedy answer through the inference path (``encode_image`` + ``generate``), stripped."""
+    ex = make_example(sample, prompts, model.config)
+    feats = [model.encode_image(ex.image)]
+    out = model.generate(
+        torch.tensor([ex.prompt_ids]),
+        feats,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=prompts.eos_token_ids or None,
+    )
+    new = out[0].tolist()
+    if new and new[-1] in prompts.eos_token_ids:
+        new = new[:-1]
+    return prompts.decode(new).strip()
+
+
+def score(samples: Sequence[data.Sample], predictions: Sequence[str]) -> dict[str, Any]:
+    """Exact match overall, on the boundary subset and off it."""
+    hits = [p == s.answer for s, p in zip(samples, predictions, strict=True)]
+    on = [h for h, s in zip(hits, samples, strict=True) if s.boundary]
+    off = [h for h, s in zip(hits, samples, strict=True) if not s.boundary]
+
+    def acc(xs):
+        return round(sum(xs) / len(xs), 4) if xs else None
+
+    return {
+        "accuracy": acc(hits),
+        "boundary_accuracy": acc(on),
+        "non_boundary_accuracy": acc(off),
+        "n": len(hits),
+        "n_boundary": len(on),
+    }
+
+
+def evaluate(
+    model: FilaForConditionalGeneration, prompts: PromptBuilder, samples: Sequence[data.Sample]
+) -> dict[str, Any]:
+    was_training = model.training
+    model.eval()
+    preds = [answer(model, prompts, s) for s in samples]
+    model.train(was_training)
+    return {**score(samples, preds), "predictions": preds}
+
+
+@dataclass
+class TrainSettings:
+    steps: int | None = None  # None: fit the step count to ``minutes``
+    minutes: float | None = None
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    train_boundary_share: float = 0.25
+    eval_every: int = 200
+    eval_samples: int = 100  # periodic evals use the first N held-out samples; the final all
+    heldout: int = data.HELDOUT_SIZE
+    progress: bool = True
+    log: Callable[[str], None] = print
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lr_at(step: int, total: int, s: TrainSettings) -> float:
+    """Linear warmup, then cosine from ``lr`` down to ``lr * min_lr_ratio``."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    t = min(1.0, (step - s.warmup) / max(1, total - s.warmup))
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(
+    model: FilaForConditionalGeneration, prompts: PromptBuilder, s: TrainSettings
+) -> dict[str, Any]:
+    """Train in place; returns metrics (the final held-out eval is the caller's)."""
+    from tqdm import tqdm
+
+    torch.manual_seed(s.seed)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": s.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+        ],
+        lr=s.lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
+    )
+    stream = data.generate(s.seed, None, s.train_boundary_share)
+    heldout = data.heldout_set(s.heldout)
+    periodic = heldout[: s.eval_samples]
+    model.train()
+    t0 = time.perf_counter()
+    budget = s.minutes * 60 if s.minutes else None
+    total = s.steps
+    if total is None and budget is None:
+        raise ValueError("give steps or minutes")
+    planned = total or 10**9
+    bar = tqdm(total=total, disable=not s.progress, dynamic_ncols=True, mininterval=2)
+    step, ema, eval_time, calib_at = 0, None, 0.0, 20
+    while step < planned:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, planned, s)
+        batch = [make_example(next(stream), prompts, model.config) for _ in range(s.batch_size)]
+        loss = batch_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+        if total is None and step == calib_at:
+            # Fit the schedule to the time budget: time per step so far, plus periodic evals
+            # (one timed now on a few samples) and a final full eval.
+            per_step = (time.perf_counter() - t0) / step
+            te = time.perf_counter()
+            evaluate(model, prompts, heldout[:8])
+            per_sample = (time.perf_counter() - te) / 8
+            eval_time += time.perf_counter() - te
+            reserve = per_sample * len(heldout) * 1.3 + 10
+            usable = budget - (time.perf_counter() - t0) - reserve
+            cost = per_step + per_sample * len(periodic) / max(1, s.eval_every)
+            planned = max(step + 1, step + int(usable / cost))
+            bar.total = planned
+            bar.refresh()
+            s.log(
+                f"time budget: {per_step:.2f} s/step, eval {per_sample:.2f} s/sample -> "
+                f"{planned} steps (rerun with --steps {planned} to reproduce the schedule)"
+            )
+        if s.eval_every and step % s.eval_every == 0 and step < planned:
+            te = time.perf_counter()
+            res = evaluate(model, prompts, periodic)
+            eval_time += time.perf_counter() - te
+            rec = {
+                "step": step,
+                "loss": round(ema, 4),
+                "wall_s": round(time.perf_counter() - t0, 1),
+                **{k: v for k, v in res.items() if k != "predictions"},
+            }
+            s.history.append(rec)
+            s.log(
+                f"step {step}: loss {ema:.3f}, held-out[{len(periodic)}] exact match "
+                f"{res['accuracy']:.1%} (boundary {res['boundary_accuracy']:.1%}), "
+                f"{rec['wall_s']:.0f} s"
+            )
+        if budget is not None and time.perf_counter() - t0 > budget:
+            s.log(f"time budget of {s.minutes} min reached at step {step} of {planned}")
+            break
+    bar.close()
+    return {
+        "steps": step,
+        "planned_steps": planned,
+        "final_loss": round(ema, 4) if ema is not None else None,
+        "train_wall_s": round(time.perf_counter() - t0, 1),
+        "eval_wall_s": round(eval_time, 1),
+        "history": s.history,
+    }

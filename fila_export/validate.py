@@ -1,0 +1,204 @@
+"""Parity of an export against the PyTorch reference, stage by stage and end to end.
+
+Every stage is fed the same inputs in PyTorch and in the backend (inputs come from running the
+reference on real images, so each stage sees the activations it will really see), then greedy
+generation is compared token by token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fila_export.checkpoint import load_checkpoint
+from fila_export.stages import stage_specs
+from runtime.image_io import load_image
+from runtime.manifest import Manifest
+from runtime.preprocess import preprocess
+from runtime.prompt import PromptBuilder
+
+# Relative L2 error allowed per precision; fp16 graphs keep norms/softmax/adds in fp32.
+TOLERANCES = {"fp32": 1e-4, "fp16": 5e-3, "int8": 1e-1, "w8": 5e-2, "w4": 2e-1}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+PROMPT = "Describe the image."
+
+
+@dataclass
+class StageResult:
+    stage: str
+    precision: str
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    tolerance: float
+    passed: bool
+
+
+@dataclass
+class ValidationReport:
+    backend: str
+    precision: str = "fp32"
+    stages: list[StageResult] = field(default_factory=list)
+    tokens_compared: int = 0
+    tokens_equal: int = 0
+    first_divergence: int | None = None
+    images: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        # Exact greedy agreement is required of fp32; lower precisions report it (their accuracy
+        # gate is the per-stage tolerance and the calibration report).
+        exact = self.first_divergence is None or self.precision != "fp32"
+        return all(s.passed for s in self.stages) and exact
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"passed": self.passed, "tolerances_rel_l2": TOLERANCES}
+
+    def markdown(self) -> str:
+        lines = [
+            f"# Validation ({self.backend}) on {len(self.images)} image(s)",
+            "",
+            "| stage | precision | max abs | rel L2 | cosine | tolerance (rel L2) | result |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in self.stages:
+            lines.append(f"| {s.stage} | {s.precision} | {s.max_abs:.2e} | {s.rel_l2:.2e} | "
+                         f"{s.cosine:.6f} | {s.tolerance:.0e} | {'pass' if s.passed else 'FAIL'} |")  # fmt: skip
+        div = "none" if self.first_divergence is None else str(self.first_divergence)
+        lines += ["", f"Greedy tokens: {self.tokens_equal}/{self.tokens_compared} equal, "
+                      f"first divergence: {div}", "", f"**{'PASS' if self.passed else 'FAIL'}**"]  # fmt: skip
+        return "\n".join(lines)
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """(max abs, relative L2, cosine) of b against reference a."""
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    diff = np.abs(a64 - b64)
+    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
+    rel = float(np.linalg.norm(a64 - b64) / na) if na > 0 else float(nb)
+    cos = float(a64 @ b64 / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
+    return float(diff.max()) if diff.size else 0.0, rel, cos
+
+
+def find_images(folder: str | Path | None) -> list[Path]:
+    from runtime.errors import ImageError
+
+    root = Path(folder) if folder else Path(__file__).resolve().parent.parent / "examples"
+    if not root.is_dir():
+        raise ImageError(f"image folder {root} does not exist")
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise ImageError(f"no images (jpg/png/webp/...) in {root}")
+    return found
+
+
+def stage_feeds(model, config, image, prompt_ids: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+    """Inputs of every stage for one image, produced by the PyTorch reference chain."""
+    from fila_export.model import vision
+
+    pv = torch.from_numpy(image.pixel_values)
+    feeds: dict[str, dict[str, torch.Tensor]] = {}
+    gv = torch.from_numpy(image.global_view) if image.global_view is not None else None
+    with torch.no_grad():
+        maps = vision.convnext_maps(model.convnext, gv) if model.convnext is not None else []
+        if model.convnext is not None:
+            feeds["convnext"] = {"global_view": gv}
+            feeds["vision"] = {"pixel_values": pv, "global_view": gv}
+        else:
+            feeds["vision"] = {"pixel_values": pv}
+        hidden = None
+        for k, (start, end) in enumerate(vision.vit_segments(config)):
+            if end > start or k == 0:
+                x = pv if k == 0 else hidden
+                feeds[f"vit.{k}"] = {"pixel_values" if k == 0 else "hidden": x}
+                hidden = vision.vit_embed(model.vision_tower, pv) if k == 0 else hidden
+                hidden = vision.run_vit_layers(model.vision_tower, hidden, start, end)
+            if k < len(maps):
+                feeds[f"cvfm.{k}"] = {"hidden": hidden, f"stage{k}": maps[k]}
+                hidden = model.cvfm[k](hidden, maps[k])
+        feeds["projector"] = {"hidden": hidden}
+        feats = model.encode_image(image)
+        ids = torch.tensor([prompt_ids])
+        feeds["embed"] = {"input_ids": ids}
+        embeds = model.embed(ids, [feats])
+    feeds["decoder"] = decoder_feeds(model, config, embeds)
+    return feeds
+
+
+def decoder_feeds(model, config, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A decode step after a real prefill: past from the prompt, one new position."""
+    from fila_export.stages import DecoderStage, kv_shape
+
+    dec = DecoderStage(model).eval()
+    kv_heads, head_dim = kv_shape(config)
+    layers = config.text["num_hidden_layers"]
+    seq = embeds.shape[1]
+    empty = [torch.zeros(0, 1, kv_heads, head_dim) for _ in range(2 * layers)]
+    with torch.no_grad():
+        out = dec(embeds[:, :-1], torch.ones(1, seq - 1, dtype=torch.long),
+                  torch.arange(seq - 1)[None], *empty)  # fmt: skip
+    feeds = {"inputs_embeds": embeds[:, -1:], "attention_mask": torch.ones(1, seq, dtype=torch.long),
+             "position_ids": torch.tensor([[seq - 1]])}  # fmt: skip
+    for i in range(layers):
+        feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = out[1 + 2 * i], out[2 + 2 * i]
+    return feeds
+
+
+def validate(artifacts: str | Path, checkpoint: str | Path, images: str | Path | None = None,
+             backend: str = "onnxruntime", precision: str = "fp32", tokens: int = 32,
+             max_images: int = 3) -> ValidationReport:  # fmt: skip
+    from fila_export.reference import ReferencePipeline
+    from runtime.pipeline import FilaPipeline, make_runner
+
+    manifest = Manifest.load(artifacts)
+    model, config = load_checkpoint(checkpoint)
+    specs = stage_specs(config)
+    paths = find_images(images)[:max_images]
+    ref = ReferencePipeline(model, PromptBuilder.from_folder(checkpoint))
+    report = ValidationReport(backend, precision, images=[str(p) for p in paths])
+    per_stage: dict[str, list] = {}
+    runners = {}
+    for path in paths:
+        image = preprocess(load_image(path), model.preprocess_config)
+        _, ids, _ = ref.prepare([path], PROMPT)
+        for name, feeds in stage_feeds(model, config, image, ids).items():
+            if name not in manifest.stages:
+                continue
+            variant = precision if precision in manifest.stage(name)["variants"] else "fp32"
+            key = (name, variant)
+            if key not in runners:
+                runners[key] = make_runner(backend, manifest.stage_path(name, variant), name)
+            wrapper = specs[name].build(model).eval()
+            with torch.no_grad():
+                want = wrapper(*feeds.values())
+            want = want if isinstance(want, tuple) else (want,)
+            got = runners[key].infer({k: v.numpy() for k, v in feeds.items()})
+            per_stage.setdefault(key, []).append(
+                compare(want[0].numpy(), got[specs[name].outputs[0].name])
+            )
+    for (name, variant), results in per_stage.items():
+        worst = max(results, key=lambda r: r[1])
+        tol = TOLERANCES[variant]
+        report.stages.append(StageResult(name, variant, *worst, tol, worst[1] <= tol))
+    pipe = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision)
+    for path in paths:
+        a = ref.generate([path], PROMPT, max_new_tokens=tokens).token_ids
+        b = pipe.generate(path, PROMPT, max_new_tokens=tokens).token_ids
+        n = max(len(a), len(b))
+        equal = sum(1 for x, y in zip(a, b, strict=False) if x == y)
+        report.tokens_compared += n
+        report.tokens_equal += equal
+        if a != b and report.first_divergence is None:
+            report.first_divergence = next(
+                (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)),
+            )
+    return report
+
+
+def write_json(report: ValidationReport, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report.to_dict(), indent=2))

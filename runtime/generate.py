@@ -1,0 +1,202 @@
+"""KV-cached generation in a handful of small functions (after gpt-fast): ``prefill``,
+``decode_one_token``, ``sample``, and a loop with stop ids, stop strings and streaming."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime.kv_cache import KVCache
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature or self.temperature <= 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[Sequence[int]], penalty: float):
+    """transformers' rule: a seen token's positive logit is divided, a negative one multiplied."""
+    out = logits.copy()
+    for row, ids in enumerate(seen):
+        if len(ids):
+            idx = np.unique(np.asarray(ids))
+            vals = out[row, idx]
+            out[row, idx] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def logits_to_probs(logits: np.ndarray, temperature: float, top_k: int | None = None,
+                    top_p: float | None = None) -> np.ndarray:  # fmt: skip
+    """(B, V) logits -> (B, V) probabilities after temperature, top-k and top-p filtering."""
+    x = logits.astype(np.float64) / temperature
+    if top_k:
+        kth = np.sort(x, axis=-1)[:, -min(top_k, x.shape[-1])][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    x = x - x.max(axis=-1, keepdims=True)
+    probs = np.exp(x)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p >= top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+           history: Sequence[Sequence[int]] = ()) -> np.ndarray:  # fmt: skip
+    """Next token per row: argmax when greedy, else a draw from the filtered distribution."""
+    if params.repetition_penalty and params.repetition_penalty != 1.0 and history:
+        logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(axis=-1)
+    probs = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
+    return np.array([rng.choice(probs.shape[-1], p=p) for p in probs])
+
+
+class Decoder:
+    """The decoder stage with its preallocated KV cache, attention mask and positions."""
+
+    def __init__(self, runner, num_layers: int, kv_heads: int, head_dim: int, vocab: int,
+                 batch: int, max_len: int) -> None:  # fmt: skip
+        self.runner = runner
+        self.cache = KVCache(num_layers, batch, kv_heads, head_dim, max_len)
+        self.mask = np.zeros((batch, max_len), dtype=np.int64)
+        self.next_position = np.zeros(batch, dtype=np.int64)
+        self.logits = np.zeros((batch, vocab), dtype=np.float32)
+
+    def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        seq = embeds.shape[1]
+        total = self.cache.length + seq
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
+            "attention_mask": np.ascontiguousarray(self.mask[:, :total]),
+            "position_ids": np.ascontiguousarray(positions),
+            **self.cache.past(),
+        }
+        if hasattr(self.runner, "infer_into"):
+            self.runner.infer_into(feeds, {"logits": self.logits, **self.cache.slots(seq)})
+        else:
+            out = self.runner.infer(feeds)
+            for name, slot in self.cache.slots(seq).items():
+                slot[...] = out[name]
+            self.logits[...] = out["logits"]
+        self.cache.advance(seq)
+        return self.logits
+
+    def prefill(self, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Run the prompt (left-padded rows allowed); returns next-token logits (B, V)."""
+        self.cache.reset()
+        seq = embeds.shape[1]
+        self.mask[:, :seq] = attention_mask
+        positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
+        self.next_position = positions[:, -1] + 1
+        return self._run(embeds, positions)
+
+    def decode_one_token(self, embeds: np.ndarray) -> np.ndarray:
+        """One step for (B, 1, D) embeddings of the last sampled tokens."""
+        self.mask[:, self.cache.length] = 1
+        positions = self.next_position[:, None].copy()
+        self.next_position += 1
+        return self._run(embeds, positions)
+
+
+class TextStreamer:
+    """Turns token ids into text pieces, never splitting a UTF-8 character across pieces."""
+
+    def __init__(self, decode: Callable[[list[int]], str], on_text: Callable[[str], None] | None):
+        self.decode, self.on_text = decode, on_text
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more bytes
+            return self.emitted
+        if self.on_text and len(text) > len(self.emitted):
+            self.on_text(text[len(self.emitted) :])
+        self.emitted = text
+        return text
+
+    def flush(self) -> str:
+        text = self.decode(self.ids)
+        if self.on_text and len(text) > len(self.emitted):
+            self.on_text(text[len(self.emitted) :])
+        self.emitted = text
+        return text
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[list[int]]
+    ttft_s: float
+    decode_s: float
+    steps: int
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def generate(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray], prompt_embeds: np.ndarray,
+             attention_mask: np.ndarray, max_new_tokens: int, params: SamplingParams,
+             eos_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+             decode_text: Callable[[list[int]], str] | None = None,
+             on_text: Callable[[str], None] | None = None) -> GenerationOutput:  # fmt: skip
+    """Prefill, then decode token by token until EOS, a stop string or ``max_new_tokens``.
+
+    ``embed`` maps (B, 1) token ids to (B, 1, D) embeddings; streaming (``on_text``) and stop
+    strings need ``decode_text`` and follow row 0.
+    """
+    rng = np.random.default_rng(params.seed)
+    batch = prompt_embeds.shape[0]
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, dtype=bool)
+    streamer = TextStreamer(decode_text, on_text) if decode_text else None
+    t0 = time.perf_counter()
+    logits = decoder.prefill(prompt_embeds, attention_mask)
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    steps = 0
+    for step in range(max_new_tokens):
+        tokens = sample(logits, params, rng, out)
+        for row in range(batch):
+            if done[row]:
+                continue
+            if int(tokens[row]) in eos_ids:
+                done[row] = True
+                continue
+            out[row].append(int(tokens[row]))
+        if streamer and not done[0]:
+            text = streamer.push(out[0][-1])
+            if any(s in text for s in stop_strings):
+                done[:] = True
+        if done.all() or step == max_new_tokens - 1:
+            break
+        logits = decoder.decode_one_token(embed(tokens[:, None].astype(np.int64)))
+        steps += 1
+    decode_s = time.perf_counter() - t1
+    texts = []
+    if streamer:
+        text = streamer.flush()
+        for s in stop_strings:
+            text = text.split(s)[0] if s in text else text
+        texts = [text]
+    return GenerationOutput(out, ttft, decode_s, steps, texts)

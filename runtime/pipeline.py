@@ -1,0 +1,191 @@
+"""``FilaPipeline``: artifacts folder -> answers, torch-free.
+
+image(s) + prompt -> preprocess -> vision graph -> packing (unpad + image_newline) -> embed graph
+-> merge at image-token positions -> KV-cached decoder loop -> text, with per-stage timings.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import ContextOverflowError, FilaError, ManifestError
+from runtime.generate import Decoder, SamplingParams, generate
+from runtime.image_io import load_image
+from runtime.manifest import Manifest
+from runtime.preprocess import NEWLINE, PreprocessedImage, packing_index, preprocess
+from runtime.prompt import PromptBuilder, expand_image_tokens
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+    backend: str = "onnxruntime"
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids,
+                "prompt_token_ids": self.prompt_token_ids, "timings": self.timings,
+                "backend": self.backend}  # fmt: skip
+
+
+def make_runner(backend: str, path: Path, name: str, **options):
+    if backend == "onnxruntime":
+        from runtime.backends.onnxruntime import OrtRunner
+
+        return OrtRunner(path, name=name, **options)
+    if backend == "tensorrt":
+        from runtime.backends.tensorrt import load_engine_runner
+
+        return load_engine_runner(path, name=name, **options)
+    raise FilaError(f"unknown backend {backend!r}; use onnxruntime or tensorrt")
+
+
+class FilaPipeline:
+    def __init__(self, manifest: Manifest, runners: dict, prompts: PromptBuilder,
+                 backend: str = "onnxruntime", vision_mode: str = "fused") -> None:  # fmt: skip
+        self.manifest = manifest
+        self.runners = runners
+        self.prompts = prompts
+        self.backend = backend
+        self.vision_mode = vision_mode
+        self.preprocess_config = manifest.preprocess
+        self.newline = np.load(manifest.file_path("image_newline"), allow_pickle=False)
+        model = manifest.model
+        self.image_token_id = int(manifest.data["image_token_id"])
+        self.eos_ids = list(manifest.data.get("eos_token_ids", [])) or prompts.eos_token_ids
+        text = model["text"]
+        heads = text["num_attention_heads"]
+        self.num_layers = text["num_hidden_layers"]
+        self.kv_heads = text.get("num_key_value_heads") or heads
+        self.head_dim = text.get("head_dim") or text["hidden_size"] // heads
+        self.vocab = text["vocab_size"]
+        self.max_context = manifest.stage("decoder")["axes"]["total"]["max"]
+        self.max_batch = manifest.stage("decoder")["axes"]["batch"]["max"]
+
+    @classmethod
+    def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime",
+                       precision: str = "fp32", vision: str = "fused",
+                       **options) -> FilaPipeline:  # fmt: skip
+        """Load (and hash-check) an export. ``vision``: ``fused`` graph or the ``modular`` chain."""
+        manifest = Manifest.load(folder)
+        names = ["embed", "decoder"]
+        if vision == "fused":
+            names.append("vision")
+        elif vision == "modular":
+            names += [n for n in manifest.data.get("vision_chain", []) if n in manifest.stages]
+            if "projector" not in names:
+                raise ManifestError("this export has no modular vision stages; use vision='fused'")
+        else:
+            raise FilaError(f"vision must be 'fused' or 'modular', got {vision!r}")
+        runners = {}
+        for name in names:
+            variant = precision if precision in manifest.stage(name)["variants"] else "fp32"
+            entry = manifest.variant(name, variant)
+            if entry.get("validated") is False:
+                warnings.warn(f"stage {name} ({variant}) did not meet its accuracy gate",
+                              stacklevel=2)  # fmt: skip
+            runners[name] = make_runner(
+                backend, manifest.stage_path(name, variant), name, **options
+            )
+        prompts = PromptBuilder.from_folder(
+            manifest.folder, manifest.data.get("tokenizer", "tokenizer.json")
+        )
+        if manifest.data.get("chat_template"):
+            prompts.chat_template = manifest.data["chat_template"]
+        return cls(manifest, runners, prompts, backend, vision)
+
+    # --- vision ---------------------------------------------------------------------------
+    def run_vision(self, image: PreprocessedImage) -> np.ndarray:
+        """Projected tile features (tiles, n*n, D) from the fused graph or the modular chain."""
+        feeds = {"pixel_values": image.pixel_values}
+        if image.global_view is not None:
+            feeds["global_view"] = image.global_view
+        if self.vision_mode == "fused":
+            return self.runners["vision"].infer(feeds)["image_features"]
+        maps = {}
+        if "convnext" in self.runners:
+            maps = self.runners["convnext"].infer({"global_view": image.global_view})
+        hidden = None
+        for name, runner in self.runners.items():
+            if name.startswith("vit."):
+                x = {"pixel_values": image.pixel_values} if name == "vit.0" else {"hidden": hidden}
+                hidden = runner.infer(x)["hidden_out"]
+            elif name.startswith("cvfm."):
+                k = name.split(".")[1]
+                feeds = {"hidden": hidden, f"stage{k}": maps[f"stage{k}"]}
+                hidden = runner.infer(feeds)["hidden_out"]
+        return self.runners["projector"].infer({"hidden": hidden})["image_features"]
+
+    def pack(self, features: np.ndarray, image: PreprocessedImage) -> np.ndarray:
+        """LLaVA-NeXT packing: the same index the reference model uses."""
+        index = packing_index(image.image_size, image.grid, self.preprocess_config.tokens_per_side)
+        rows = np.concatenate([features.reshape(-1, features.shape[-1]), self.newline[None]])
+        return rows[np.where(index == NEWLINE, rows.shape[0] - 1, index)]
+
+    def encode_image(self, source) -> np.ndarray:
+        return self.pack(*self._vision(source)[:2])
+
+    def _vision(self, source):
+        image = preprocess(load_image(source), self.preprocess_config)
+        return self.run_vision(image), image
+
+    # --- text -----------------------------------------------------------------------------
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.runners["embed"].infer({"input_ids": ids})["inputs_embeds"]
+
+    def check_context(self, prompt_len: int, max_new_tokens: int) -> None:
+        need = prompt_len + max_new_tokens
+        if need > self.max_context:
+            raise ContextOverflowError(
+                f"prompt with image tokens is {prompt_len} tokens; with {max_new_tokens} new "
+                f"tokens that is {need}, {need - self.max_context} over the context of "
+                f"{self.max_context}; shorten the prompt, lower --max-new-tokens, or use a smaller image"
+            )
+
+    def generate(self, images, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 repetition_penalty: float | None = None, stop: Sequence[str] = (),
+                 raw_prompt: bool = False, history: Sequence[tuple[str, str]] = (),
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:  # fmt: skip
+        """Answer ``prompt`` about one image (path, bytes, PIL image, array) or a list of them."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        timings: dict[str, float] = {}
+        text = self.prompts.format(prompt, num_images=len(images), raw=raw_prompt, history=history)
+        prompt_ids = self.prompts.encode(text)
+        t0 = time.perf_counter()
+        loaded = [preprocess(load_image(im), self.preprocess_config) for im in images]
+        timings["preprocess_s"] = time.perf_counter() - t0
+        counts = [int(packing_index(im.image_size, im.grid,
+                                    self.preprocess_config.tokens_per_side).shape[0])
+                  for im in loaded]  # fmt: skip
+        ids = expand_image_tokens(prompt_ids, self.image_token_id, counts)
+        self.check_context(len(ids), max_new_tokens)
+        t0 = time.perf_counter()
+        feats = [self.pack(self.run_vision(im), im) for im in loaded]
+        timings["vision_s"] = time.perf_counter() - t0
+        id_array = np.asarray([ids], dtype=np.int64)
+        t0 = time.perf_counter()
+        embeds = self.embed(id_array)
+        if feats:
+            embeds[0, id_array[0] == self.image_token_id] = np.concatenate(feats)
+        timings["embed_s"] = time.perf_counter() - t0
+        decoder = Decoder(self.runners["decoder"], self.num_layers, self.kv_heads, self.head_dim,
+                          self.vocab, 1, len(ids) + max_new_tokens)  # fmt: skip
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        out = generate(decoder, self.embed, embeds, np.ones_like(id_array), max_new_tokens, params,
+                       self.eos_ids, stop, self.prompts.decode, on_text)  # fmt: skip
+        timings["ttft_s"] = (
+            timings["preprocess_s"] + timings["vision_s"] + timings["embed_s"] + out.ttft_s
+        )
+        timings["prefill_s"] = out.ttft_s
+        timings["decode_s"] = out.decode_s
+        timings["decode_tokens_per_s"] = out.decode_tokens_per_s
+        return GenerationResult(out.texts[0], out.token_ids[0], prompt_ids, timings, self.backend)

@@ -1,0 +1,231 @@
+"""The demo reading task, its config and its training loop (issue 8), fast on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fila_export.config import preprocess_config
+from fila_export.demo import data
+from fila_export.demo import train as T
+from fila_export.demo.model import demo_config
+from fila_export.model import FilaForConditionalGeneration
+from runtime.preprocess import fitted_size, num_image_tokens, select_best_resolution
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _pixels(sample: data.Sample) -> np.ndarray:
+    return np.asarray(sample.image)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def test_generator_is_deterministic_for_a_seed():
+    a = list(data.generate(7, 6, boundary_share=0.5))
+    b = list(data.generate(7, 6, boundary_share=0.5))
+    c = list(data.generate(8, 6, boundary_share=0.5))
+    for x, y in zip(a, b, strict=True):
+        assert (x.question, x.answer, x.meta) == (y.question, y.answer, y.meta)
+        assert np.array_equal(_pixels(x), _pixels(y))
+    assert any(not np.array_equal(_pixels(x), _pixels(z)) for x, z in zip(a, c, strict=True))
+    # A sample does not depend on the ones before it.
+    assert np.array_equal(_pixels(a[4]), _pixels(next(data.generate(7, 1, 0.5, start=4))))
+
+
+def test_samples_are_reading_questions_on_two_to_four_tiles():
+    for s in data.generate(3, 40):
+        kind = s.meta["kind"]
+        assert s.question == data.QUESTIONS[kind]
+        if kind == "number":
+            assert s.answer.isdigit() and 3 <= len(s.answer) <= 5 and s.answer[0] != "0"
+        else:
+            assert s.answer in data.WORDS
+        rows, cols = s.meta["grid"]
+        assert 2 <= rows * cols <= 4
+        assert s.image.mode == "RGB" and list(s.image.size[::-1]) == s.meta["image_size"]
+
+
+def _independent_cut_check(sample: data.Sample, tile: int, pinpoints) -> bool:
+    """Recompute from scratch where the text box lands on the anyres canvas."""
+    h, w = sample.meta["image_size"]
+    canvas = select_best_resolution((h, w), pinpoints)
+    new_h, new_w = fitted_size((h, w), canvas)
+    pad_y, pad_x = (canvas[0] - new_h) // 2, (canvas[1] - new_w) // 2
+    x0, y0, x1, y1 = sample.meta["text_bbox"]
+    spans = [
+        (x0 * new_w / w + pad_x, x1 * new_w / w + pad_x, canvas[1]),
+        (y0 * new_h / h + pad_y, y1 * new_h / h + pad_y, canvas[0]),
+    ]
+    for lo, hi, extent in spans:
+        for b in range(tile, extent, tile):
+            left, right = b - lo, hi - b
+            if min(left, right) >= data.MIN_CUT_FRACTION * (hi - lo) and left > 0 and right > 0:
+                return True
+    return False
+
+
+def test_boundary_subset_really_straddles_a_tile_boundary():
+    cfg = demo_config()
+    tile, pinpoints = cfg.tile_size, cfg.image_grid_pinpoints
+    heldout = data.heldout_set()
+    assert len(heldout) == data.HELDOUT_SIZE
+    subset = data.boundary_subset(heldout)
+    forced = [s for s in heldout if s.meta["mode"] == "boundary"]
+    assert len(forced) == data.HELDOUT_SIZE // 2 and all(s.boundary for s in forced)
+    assert len(subset) >= len(forced)
+    for s in heldout:
+        assert _independent_cut_check(s, tile, pinpoints) == s.boundary, s.meta
+    # The recorded canvas is the one preprocessing picks for the image.
+    pcfg = preprocess_config(cfg)
+    for s in subset[:10]:
+        assert tuple(s.meta["canvas"]) == select_best_resolution(
+            (s.image.height, s.image.width), pcfg.grid_pinpoints
+        )
+    inside = [data.make_sample(5, i, boundary=False) for i in range(10)]
+    assert not any(s.boundary or s.meta["cuts"] for s in inside)
+
+
+def test_question_set_jsonl_round_trip(tmp_path):
+    samples = list(data.generate(4, 5, boundary_share=0.4))
+    path = data.write_question_set(samples, tmp_path / "set")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["answer"] for r in lines] == [s.answer for s in samples]
+    assert {"image", "question", "answer", "boundary"} <= set(lines[0])
+    back = data.read_question_set(tmp_path / "set")
+    assert len(back) == len(samples)
+    for a, b in zip(samples, back, strict=True):
+        assert (a.question, a.answer, a.boundary, a.meta) == (
+            b.question,
+            b.answer,
+            b.boundary,
+            b.meta,
+        )
+        assert np.array_equal(_pixels(a), _pixels(b))
+
+
+# --- config, prompts, batching -----------------------------------------------------------------
+
+
+def test_demo_config_fits_the_task():
+    prompts = T.demo_prompts(demo_config().vocab_size)
+    assert prompts.tokenizer.get_vocab_size() == demo_config().vocab_size
+    for convnext in (True, False):
+        cfg = demo_config(convnext=convnext)
+        assert cfg.has_convnext is convnext
+        assert all(
+            h % cfg.tile_size == 0 and w % cfg.tile_size == 0 for h, w in cfg.image_grid_pinpoints
+        )
+        model = FilaForConditionalGeneration(cfg)
+        assert sum(p.numel() * 4 for p in model.state_dict().values()) < 20e6  # fp32 checkpoint
+    pcfg = preprocess_config(cfg)
+    longest = max(num_image_tokens((h, w), pcfg) for h, w in cfg.image_grid_pinpoints)
+    text = len(T.prompt_ids(prompts, data.QUESTIONS["word"])) + 12
+    assert longest + text <= cfg.max_position_embeddings
+
+
+def test_answer_tokens_continue_the_prompt():
+    """Training targets are exactly what the tokenizer makes of prompt + answer."""
+    prompts = T.demo_prompts(demo_config().vocab_size)
+    for s in data.generate(2, 10):
+        text = prompts.format(s.question, num_images=1)
+        full = prompts.encode(text + " " + s.answer)
+        ans = T.answer_ids(prompts, s.answer)
+        assert full == T.prompt_ids(prompts, s.question) + ans[:-1]
+        assert ans[-1] == prompts.eos_token_ids[0]
+        assert prompts.decode(ans[:-1]).strip() == s.answer
+
+
+@pytest.mark.parametrize("convnext", [True, False])
+def test_batched_encoding_matches_encode_image(convnext):
+    cfg = demo_config(convnext=convnext)
+    model = FilaForConditionalGeneration(cfg)
+    model.init_weights(0)  # CVFM not zero-initialised: the fusion path counts
+    prompts = T.demo_prompts(cfg.vocab_size)
+    examples = [T.make_example(s, prompts, cfg) for s in data.generate(9, 6, 0.5)]
+    with torch.no_grad():
+        batched = T.encode_images(model, [ex.image for ex in examples])
+        for ex, feats in zip(examples, batched, strict=True):
+            torch.testing.assert_close(feats.embeds, model.encode_image(ex.image).embeds)
+    ids, mask, labels = T.collate(examples)
+    assert ids.shape == mask.shape == labels.shape
+    for b, ex in enumerate(examples):
+        n = len(ex.prompt_ids)
+        assert labels[b, n : n + len(ex.answer_ids)].tolist() == ex.answer_ids
+        assert (labels[b, :n] == T.IGNORE).all() and (
+            labels[b, n + len(ex.answer_ids) :] == T.IGNORE
+        ).all()
+        assert mask[b].sum() == n + len(ex.answer_ids)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def _shrunk(convnext: bool):
+    cfg = demo_config(convnext=convnext)
+    vision = {**cfg.vision, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64}
+    text = {**cfg.text, "hidden_size": 64, "intermediate_size": 128}
+    return dataclasses.replace(cfg, vision=vision, text=text)
+
+
+@pytest.mark.parametrize("convnext", [True, False])
+def test_a_few_steps_lower_the_loss(convnext):
+    cfg = _shrunk(convnext)
+    model = FilaForConditionalGeneration(cfg)
+    model.init_weights(0, zero_init_cvfm=True)
+    prompts = T.demo_prompts(cfg.vocab_size)
+    examples = [T.make_example(s, prompts, cfg) for s in data.generate(1, 4, 0.5)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = T.batch_loss(model, examples)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_schedule_warms_up_then_decays():
+    s = T.TrainSettings(steps=100, lr=1e-3, warmup=10, min_lr_ratio=0.1)
+    lrs = [T.lr_at(i, 100, s) for i in range(100)]
+    assert lrs[0] < lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_training_script_end_to_end(tmp_path):
+    """A few steps through the script: checkpoint + tokenizer + metrics.json, loadable."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import train_demo_model
+
+    out = tmp_path / "ckpt"
+    argv = ["--out", str(out), "--steps", "3", "--threads", "1", "--batch-size", "4"]
+    argv += ["--eval-every", "2", "--eval-samples", "2", "--heldout", "4", "--no-progress"]
+    assert train_demo_model.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["n"] == 4 and metrics["seed"] == 0
+    assert {"accuracy", "boundary_accuracy", "wall_time_s", "command"} <= set(metrics)
+    from fila_export.checkpoint import load_checkpoint
+    from runtime.prompt import PromptBuilder
+
+    model, cfg = load_checkpoint(out)
+    assert cfg.has_convnext and cfg.vocab_size == demo_config().vocab_size
+    built = PromptBuilder.from_folder(out)
+    assert built.tokenizer.get_vocab_size() == cfg.vocab_size
+    prompt = built.format(data.QUESTIONS["number"], num_images=1) + " 4821"
+    assert built.encode(prompt) == T.demo_prompts(cfg.vocab_size).encode(prompt)
