@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from runtime.errors import FilaError
 
@@ -133,6 +134,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from fila_export import trt_build
+
+    stages = [s for part in args.stages or [] for s in part.split(",") if s] or None
+    if args.emit_trtexec:
+        script = trt_build.trtexec_script(args.artifacts, args.precision, stages, args.workspace_mb)
+        path = Path(args.emit_trtexec)
+        path.write_text(script)
+        path.chmod(0o755)
+        print(f"wrote {path}: run it where trtexec is, from {args.artifacts}")
+        return 0
+    if args.record:
+        print(f"wrote {trt_build.record_engines(args.artifacts, args.precision, stages)}")
+        return 0
+    info = trt_build.build_engines(args.artifacts, args.precision, stages, args.workspace_mb,
+                                   args.timing_cache)  # fmt: skip
+    print(f"engines and {info} written")
+    return 0
+
+
 def _runner_options(args: argparse.Namespace) -> dict:
     opts = {}
     if args.backend == "onnxruntime":
@@ -196,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, help="decoder context (default: model's, <= 4096)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build", help="build TensorRT engines from an export")
+    p.add_argument("--artifacts", required=True)
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16")
+    p.add_argument("--stages", nargs="+", help="default: vision, embed, decoder")
+    p.add_argument("--workspace-mb", type=int)
+    p.add_argument("--timing-cache", help="timing cache file (read and updated)")
+    p.add_argument("--emit-trtexec", metavar="SCRIPT",
+                   help="write an equivalent trtexec shell script instead of building")  # fmt: skip
+    p.add_argument("--record", action="store_true",
+                   help="write build_info.json for plans the trtexec script built")  # fmt: skip
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("validate", help="per-stage and end-to-end parity against PyTorch")
     p.add_argument("--artifacts", required=True)

@@ -70,38 +70,55 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
 
 
 class Decoder:
-    """The decoder stage with its preallocated KV cache, attention mask and positions."""
+    """The decoder stage with its preallocated KV cache, attention mask and positions.
+
+    The cache is host memory written in place through IO binding (ONNX Runtime), or device memory
+    owned by a runner that has ``run_step`` (TensorRT); either way it is allocated once.
+    """
 
     def __init__(self, runner, num_layers: int, kv_heads: int, head_dim: int, vocab: int,
                  batch: int, max_len: int) -> None:  # fmt: skip
         self.runner = runner
-        self.cache = KVCache(num_layers, batch, kv_heads, head_dim, max_len)
+        self.on_device = hasattr(runner, "run_step")
+        if self.on_device:
+            runner.allocate_cache(num_layers, max_len, (batch, kv_heads, head_dim))
+            self.cache = None
+        else:
+            self.cache = KVCache(num_layers, batch, kv_heads, head_dim, max_len)
+        self.length = 0
         self.mask = np.zeros((batch, max_len), dtype=np.int64)
         self.next_position = np.zeros(batch, dtype=np.int64)
         self.logits = np.zeros((batch, vocab), dtype=np.float32)
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         seq = embeds.shape[1]
-        total = self.cache.length + seq
+        total = self.length + seq
         feeds = {
             "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
             "attention_mask": np.ascontiguousarray(self.mask[:, :total]),
             "position_ids": np.ascontiguousarray(positions),
-            **self.cache.past(),
         }
-        if hasattr(self.runner, "infer_into"):
+        if self.on_device:
+            self.logits[...] = self.runner.run_step(feeds, self.length, seq)
+        elif hasattr(self.runner, "infer_into"):
+            feeds.update(self.cache.past())
             self.runner.infer_into(feeds, {"logits": self.logits, **self.cache.slots(seq)})
         else:
+            feeds.update(self.cache.past())
             out = self.runner.infer(feeds)
             for name, slot in self.cache.slots(seq).items():
                 slot[...] = out[name]
             self.logits[...] = out["logits"]
-        self.cache.advance(seq)
+        if self.cache is not None:
+            self.cache.advance(seq)
+        self.length = total
         return self.logits
 
     def prefill(self, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Run the prompt (left-padded rows allowed); returns next-token logits (B, V)."""
-        self.cache.reset()
+        if self.cache is not None:
+            self.cache.reset()
+        self.length = 0
         seq = embeds.shape[1]
         self.mask[:, :seq] = attention_mask
         positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
@@ -110,7 +127,7 @@ class Decoder:
 
     def decode_one_token(self, embeds: np.ndarray) -> np.ndarray:
         """One step for (B, 1, D) embeddings of the last sampled tokens."""
-        self.mask[:, self.cache.length] = 1
+        self.mask[:, self.length] = 1
         positions = self.next_position[:, None].copy()
         self.next_position += 1
         return self._run(embeds, positions)

@@ -1,0 +1,199 @@
+"""The TensorRT runner's buffer and profile logic, on CPU, against a fake engine that records calls.
+
+This does not test TensorRT itself (no GPU here): it tests that our runner picks the profile for
+the input shapes, allocates device buffers once, binds the decoder's KV cache at the right offsets
+and refuses engines built for another TensorRT, GPU or ONNX file.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from runtime.backends.tensorrt import TrtDecoderRunner, TrtRunner, check_build_info
+from runtime.errors import EngineMismatchError
+from runtime.generate import Decoder
+from runtime.profiles import Profile
+
+
+class FakeMemory:
+    """Device memory as one host arena; pointers are offsets into it."""
+
+    def __init__(self, size=1 << 22):
+        self.arena = np.zeros(size, dtype=np.uint8)
+        self.next = 256
+        self.allocs = []
+
+    def alloc(self, nbytes):
+        ptr = self.next
+        self.next += (nbytes + 255) // 256 * 256
+        self.allocs.append(nbytes)
+        return ptr
+
+    def view(self, ptr, dtype, shape):
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return self.arena[ptr : ptr + n].view(dtype).reshape(shape)
+
+    def upload(self, ptr, array):
+        self.view(ptr, array.dtype, array.shape)[...] = array
+
+    def download(self, array, ptr):
+        array[...] = self.view(ptr, array.dtype, array.shape)
+
+    def synchronize(self):
+        pass
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.calls = engine, {}, {}, []
+
+    def set_optimization_profile_async(self, index, stream):
+        self.calls.append(("profile", index))
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+
+    def get_tensor_shape(self, name):
+        return (
+            self.engine.output_shape(name, self.shapes)
+            if name in self.engine.outs
+            else self.shapes[name]
+        )
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def execute_async_v3(self, stream):
+        self.calls.append(("execute", dict(self.shapes)))
+        self.engine.compute(self)
+
+
+class FakeEngine:
+    def __init__(self, ins, outs, memory):
+        self.ins, self.outs, self.memory = ins, outs, memory  # name -> dtype
+        self.names = [*ins, *outs]
+        self.num_io_tensors = len(self.names)
+        self.contexts = []
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return SimpleNamespace(name="INPUT" if name in self.ins else "OUTPUT")
+
+    def get_tensor_dtype(self, name):
+        return SimpleNamespace(
+            name={"float32": "FLOAT", "int64": "INT64"}[({**self.ins, **self.outs})[name]]
+        )
+
+    def get_tensor_shape(self, name):
+        return (-1, -1)
+
+    def create_execution_context(self):
+        self.contexts.append(FakeContext(self))
+        return self.contexts[-1]
+
+
+class DoublingEngine(FakeEngine):
+    """y = 2x, shaped like x."""
+
+    def output_shape(self, name, shapes):
+        return shapes["x"]
+
+    def compute(self, ctx):
+        x = self.memory.view(ctx.addresses["x"], np.float32, ctx.shapes["x"])
+        self.memory.view(ctx.addresses["y"], np.float32, ctx.shapes["x"])[...] = 2 * x
+
+
+def test_profile_selection_and_buffers_allocated_once():
+    mem = FakeMemory()
+    engine = DoublingEngine({"x": "float32"}, {"y": "float32"}, mem)
+    profiles = [Profile("small", {"x": ((1, 4), (2, 4), (3, 4))}),
+                Profile("big", {"x": ((4, 4), (5, 4), (8, 4))})]  # fmt: skip
+    runner = TrtRunner(engine, profiles, "double", mem)
+    allocated = list(mem.allocs)
+    assert allocated == [8 * 4 * 4, 8 * 4 * 4]  # x and y at the largest profile shape
+    for rows, profile in [(2, 0), (6, 1), (3, 0)]:
+        x = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+        np.testing.assert_array_equal(runner.infer({"x": x})["y"], 2 * x)
+        assert ("profile", profile) in runner.context.calls
+    assert mem.allocs == allocated  # nothing allocated per call
+    switches = [c for c in runner.context.calls if c[0] == "profile"]
+    assert [s[1] for s in switches][-3:] == [0, 1, 0]
+    with pytest.raises(Exception, match="outside every optimization profile"):
+        runner.infer({"x": np.zeros((9, 4), np.float32)})
+
+
+class KvEngine(FakeEngine):
+    """A decoder whose present = position ids (per row) and logits[b, 0] = sum of past keys."""
+
+    def output_shape(self, name, shapes):
+        seq, batch = shapes["position_ids"][1], shapes["position_ids"][0]
+        return (batch, 5) if name == "logits" else (seq, batch, 1, 2)
+
+    def compute(self, ctx):
+        m = self.memory
+        pos = m.view(ctx.addresses["position_ids"], np.int64, ctx.shapes["position_ids"])
+        past_shape = ctx.shapes["past.0.key"]
+        past = m.view(ctx.addresses["past.0.key"], np.float32, past_shape)
+        seq, batch = pos.shape[1], pos.shape[0]
+        logits = np.zeros((batch, 5), np.float32)
+        logits[:, 0] = past.sum(axis=(0, 2, 3)) if past_shape[0] else 0
+        m.view(ctx.addresses["logits"], np.float32, (batch, 5))[...] = logits
+        for tag in ("key", "value"):
+            present = m.view(ctx.addresses[f"present.0.{tag}"], np.float32, (seq, batch, 1, 2))
+            present[...] = pos.T[:, :, None, None]
+
+
+def test_decoder_kv_cache_bound_in_place():
+    mem = FakeMemory()
+    ins = {"inputs_embeds": "float32", "attention_mask": "int64", "position_ids": "int64",
+           "past.0.key": "float32", "past.0.value": "float32"}  # fmt: skip
+    outs = {"logits": "float32", "present.0.key": "float32", "present.0.value": "float32"}
+    engine = KvEngine(ins, outs, mem)
+
+    def shapes(batch, seq, past):
+        return {"inputs_embeds": (batch, seq, 3), "attention_mask": (batch, past + seq),
+                "position_ids": (batch, seq), "past.0.key": (past, batch, 1, 2),
+                "past.0.value": (past, batch, 1, 2)}  # fmt: skip
+
+    prefill = Profile(
+        "prefill", {k: (v, v, shapes(1, 16, 0)[k]) for k, v in shapes(1, 1, 0).items()}
+    )
+    decode = Profile("decode", {k: (v, v, shapes(1, 1, 15)[k]) for k, v in shapes(1, 1, 1).items()})
+    runner = TrtDecoderRunner(engine, [prefill, decode], "decoder", mem)
+    assert not any(n.startswith(("past.", "present.")) for n in runner.buffers)
+    decoder = Decoder(runner, num_layers=1, kv_heads=1, head_dim=2, vocab=5, batch=1, max_len=16)
+    setup_calls = len(runner.context.calls)  # output sizing visits each profile once
+    logits = decoder.prefill(np.zeros((1, 4, 3), np.float32), np.ones((1, 4), np.int64))
+    assert logits[0, 0] == 0  # empty past
+    logits = decoder.decode_one_token(np.zeros((1, 1, 3), np.float32))
+    assert logits[0, 0] == 2 * (0 + 1 + 2 + 3)  # past = the four prefill positions, 2 dims each
+    logits = decoder.decode_one_token(np.zeros((1, 1, 3), np.float32))
+    assert logits[0, 0] == 2 * (0 + 1 + 2 + 3 + 4)
+    ctx = runner.context
+    assert ctx.addresses["past.0.key"] == runner.cache_address(0, 0, 0)
+    assert ctx.addresses["present.0.key"] == runner.cache_address(0, 0, 5)
+    profiles_used = [c[1] for c in ctx.calls[setup_calls:] if c[0] == "profile"]
+    assert profiles_used == [0, 1]  # prefill profile, then decode profile; no switch per token
+
+
+def test_build_info_mismatches_are_refused():
+    info = {"tensorrt": "10.3.0", "gpu": {"name": "Orin"}}
+    entry = {
+        "plan": "decoder.fp16.plan",
+        "source_sha256": "abc",
+        "source_onnx": "decoder.fp16.onnx",
+    }
+    check_build_info(info, entry, "abc", "10.3.0", "Orin", "art", "decoder")
+    for args, message in [
+        (("abc", "10.7.0", "Orin"), "TensorRT 10.3.0, this is 10.7.0"),
+        (("abc", "10.3.0", "RTX"), "built on Orin, this GPU is RTX"),
+        (("zzz", "10.3.0", "Orin"), "the export changed"),
+    ]:
+        with pytest.raises(EngineMismatchError, match=message) as exc:
+            check_build_info(info, entry, *args, "art", "decoder")
+        assert "fila build --artifacts art --stages decoder" in str(exc.value)
