@@ -154,6 +154,29 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks import bench, report
+
+    if args.compare:
+        print(report.compare(*args.compare))
+        return 0
+    if not args.artifacts:
+        raise FilaError("fila bench needs --artifacts (or --compare A.json B.json)")
+
+    def split(text: str) -> list:
+        return [x for x in text.split(",") if x]
+
+    out = bench.run_bench(args.artifacts, args.checkpoint, split(args.backends), split(args.precisions),
+                          images=args.images, contexts=[int(c) for c in split(args.contexts)],
+                          warmup=args.warmup, runs=args.runs, decode_steps=args.decode_steps,
+                          answer_tokens=args.answer_tokens, threads=args.threads)  # fmt: skip
+    out["command"] = "fila " + " ".join(sys.argv[1:])
+    paths = bench.save(out, args.out)
+    print(report.markdown(out))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def _runner_options(args: argparse.Namespace) -> dict:
     opts = {}
     if args.backend == "onnxruntime":
@@ -229,6 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", action="store_true",
                    help="write build_info.json for plans the trtexec script built")  # fmt: skip
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("bench", help="latency, throughput, memory per stage and backend")
+    p.add_argument("--artifacts")
+    p.add_argument("--checkpoint", help="for the PyTorch eager baseline (backend torch)")
+    p.add_argument("--backends", default="torch,onnxruntime")
+    p.add_argument("--precisions", default="fp32")
+    p.add_argument("--images", help="folder; the first image is used (default: examples/)")
+    p.add_argument("--contexts", default="128,512,2048")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--answer-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime")
+    p.add_argument("--out", default="benchmarks/results/latest")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("validate", help="per-stage and end-to-end parity against PyTorch")
     p.add_argument("--artifacts", required=True)

@@ -1,0 +1,133 @@
+"""What the benchmark ran on, how fast its memory is, and (on Jetson) how much power it drew."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    import psutil
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {
+            p: _version(p)
+            for p in (
+                "torch",
+                "onnxruntime",
+                "onnxruntime-gpu",
+                "tensorrt",
+                "transformers",
+                "numpy",
+            )
+        },  # fmt: skip
+        "gpu": None,
+        "jetson": None,
+    }
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True)  # fmt: skip
+        info["gpu"] = out.stdout.strip() or None
+    tegra = Path("/etc/nv_tegra_release")
+    if tegra.is_file():
+        info["jetson"] = {"l4t": tegra.read_text().splitlines()[0].strip()}
+        if shutil.which("nvpmodel"):
+            q = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True)
+            info["jetson"]["power_mode"] = q.stdout.strip()
+    return info
+
+
+def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Host memory bandwidth in bytes/s: best of ``repeats`` large array copies (read + write)."""
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class TegraStats:
+    """Samples ``tegrastats`` while a block runs: average power (VDD_IN), GR3D and EMC use."""
+
+    POWER = re.compile(r"VDD_IN (\d+)mW")
+    GR3D = re.compile(r"GR3D_FREQ (\d+)%")
+    EMC = re.compile(r"EMC_FREQ (\d+)%")
+
+    def __init__(self, interval_ms: int = 100) -> None:
+        self.interval_ms = interval_ms
+        self.samples: list[str] = []
+        self.available = Path("/etc/nv_tegra_release").is_file() and shutil.which("tegrastats")
+
+    def __enter__(self):
+        if self.available:
+            self.proc = subprocess.Popen(["tegrastats", "--interval", str(self.interval_ms)],
+                                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+        self.start = time.perf_counter()
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.samples.append(line)
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        if self.available:
+            self.proc.terminate()
+            self.proc.wait(timeout=5)
+
+    def summary(self, tokens: int | None = None) -> dict | None:
+        if not self.available or not self.samples:
+            return None
+
+        def mean(pattern):
+            vals = [int(m.group(1)) for s in self.samples if (m := pattern.search(s))]
+            return sum(vals) / len(vals) if vals else None
+
+        power_w = (mean(self.POWER) or 0) / 1000
+        out = {"avg_power_w": power_w, "gr3d_pct": mean(self.GR3D), "emc_pct": mean(self.EMC),
+               "seconds": self.seconds}  # fmt: skip
+        if tokens:
+            out["joules_per_token"] = power_w * self.seconds / tokens
+        return out

@@ -1,0 +1,139 @@
+"""Benchmark results as Markdown tables, PNG plots, and the ratio between two result files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.targets import STAGE_GROUPS
+
+
+def _label(r: dict) -> str:
+    return f"{r['backend']} {r['precision']}"
+
+
+def markdown(out: dict) -> str:
+    m = out["machine"]
+    lines = [
+        f"# Benchmark: {Path(out['artifacts']).name}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; GPU: {m['gpu'] or 'none'}; "
+        f"measured memory bandwidth {m['measured_bandwidth_gb_s']:.1f} GB/s. "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items() if v)}.",
+        f"Settings: {out['settings']}. Image: `{Path(out['image']).name}`.",
+        "",
+        "## Per-stage latency, p50 ms (p90 / p99)",
+        "",
+        "| stage | " + " | ".join(_label(r) for r in out["results"]) + " |",
+        "|---|" + "---|" * len(out["results"]),
+    ]
+    for g in STAGE_GROUPS:
+        cells = []
+        for r in out["results"]:
+            s = r["stages"].get(g)
+            cells.append(f"{s['p50_ms']:.2f} ({s['p90_ms']:.2f} / {s['p99_ms']:.2f})" if s else "-")
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines += ["", "## Request level", "",
+              "| | " + " | ".join(_label(r) for r in out["results"]) + " |",
+              "|---|" + "---|" * len(out["results"])]  # fmt: skip
+    rows = {
+        "time to first token (ms)": lambda r: f"{r['ttft_ms']:.1f}",
+        "end-to-end p50 (ms, fixed answer)": lambda r: (
+            f"{r['end_to_end']['p50_ms']:.1f} ({r['end_to_end']['answer_tokens']} tok)"
+        ),
+        "speed-up vs torch (end to end)": lambda r: (
+            f"{r.get('speedup_vs_torch', {}).get('end_to_end', float('nan')):.2f}x"
+        ),
+        "peak RSS (MB)": lambda r: f"{r['peak_rss_mb']:.0f}",
+        "decode weights read per token (MB)": lambda r: f"{r['decode_weight_bytes'] / 2**20:.0f}",
+    }
+    for ctx in out["settings"]["contexts"]:
+        rows[f"decode tok/s @ {ctx}"] = lambda r, c=str(ctx): (
+            f"{r['decode'][c]['tokens_per_s']:.1f}"
+        )
+        rows[f"roofline ratio @ {ctx}"] = lambda r, c=str(ctx): (
+            f"{r['decode'][c]['roofline_ratio']:.0%}"
+        )
+    for name, fn in rows.items():
+        lines.append(f"| {name} | " + " | ".join(fn(r) for r in out["results"]) + " |")
+    lines += ["", "Roofline: bytes read per decode token (weights + KV at that context) x tokens/s, "
+              "divided by the measured memory bandwidth."]  # fmt: skip
+    power = [r for r in out["results"] if r.get("power")]
+    if power:
+        lines += [
+            "",
+            "## Jetson power",
+            "",
+            "| target | avg W | J/token | GR3D % | EMC % |",
+            "|---|---|---|---|---|",
+        ]
+        for r in power:
+            p = r["power"]
+            lines.append(
+                f"| {_label(r)} | {p['avg_power_w']:.1f} | {p.get('joules_per_token', 0):.3f} | {p['gr3d_pct']} | {p['emc_pct']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plots(out: dict, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = out["results"]
+    labels = [_label(r) for r in results]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bottom = [0.0] * len(results)
+    for g in ("preprocess", "vision", "prefill", "decode_step"):
+        vals = [r["stages"].get(g, {}).get("p50_ms", 0.0) for r in results]
+        ax.bar(labels, vals, bottom=bottom, label=g)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_ylabel("p50 latency (ms)")
+    ax.set_title("Latency per stage (vision = fused graph; one decode step)")
+    ax.legend()
+    fig.tight_layout()
+    p1 = folder / "latency_per_stage.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        ctxs = sorted(int(c) for c in r["decode"])
+        ax.plot(
+            ctxs, [r["decode"][str(c)]["tokens_per_s"] for c in ctxs], marker="o", label=_label(r)
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("Decode throughput vs context")
+    ax.legend()
+    fig.tight_layout()
+    p2 = folder / "decode_vs_context.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def compare(a_path: str | Path, b_path: str | Path) -> str:
+    """B / A ratios of p50 latencies (< 1: B is faster) for every target and stage both have."""
+    a, b = json.loads(Path(a_path).read_text()), json.loads(Path(b_path).read_text())
+    index = {_label(r): r for r in a["results"]}
+    lines = [
+        f"# {b_path} vs {a_path} (ratio of p50 ms, B/A)",
+        "",
+        "| target | stage | A ms | B ms | B/A |",
+        "|---|---|---|---|---|",
+    ]
+    for r in b["results"]:
+        base = index.get(_label(r))
+        if not base:
+            continue
+        for g, s in r["stages"].items():
+            if g in base["stages"]:
+                x, y = base["stages"][g]["p50_ms"], s["p50_ms"]
+                lines.append(f"| {_label(r)} | {g} | {x:.2f} | {y:.2f} | {y / x:.3f} |")
+        for c, d in r["decode"].items():
+            if c in base["decode"]:
+                x, y = base["decode"][c]["p50_ms"], d["p50_ms"]
+                lines.append(f"| {_label(r)} | decode@{c} | {x:.2f} | {y:.2f} | {y / x:.3f} |")
+    return "\n".join(lines) + "\n"

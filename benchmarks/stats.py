@@ -1,0 +1,25 @@
+"""Timing helpers: run a callable with warm-up and report p50 / p90 / p99 / mean."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    a = np.asarray(seconds) * 1000
+    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "runs": len(a)}  # fmt: skip
+
+
+def time_it(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return summarize(samples)
