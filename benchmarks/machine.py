@@ -68,16 +68,29 @@ def machine_info() -> dict:
     return info
 
 
-def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Host memory bandwidth in bytes/s: best of ``repeats`` large array copies (read + write)."""
+def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> dict[str, float]:
+    """Host memory bandwidth in bytes/s, two ways, best of ``repeats``: a large array copy
+    (read + write, one thread) and a BLAS matrix-vector product (read, all BLAS threads: the
+    access pattern of a decode step). ``best`` is the higher, so roofline ratios are conservative."""
     src = np.ones(nbytes // 8, dtype=np.float64)
     dst = np.empty_like(src)
-    best = float("inf")
+    copy = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best
+        copy = min(copy, time.perf_counter() - t0)
+    del src, dst
+    cols = 4096
+    mat = np.ones((nbytes // 4 // cols, cols), dtype=np.float32)
+    vec = np.ones(cols, dtype=np.float32)
+    gemv = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mat @ vec
+        gemv = min(gemv, time.perf_counter() - t0)
+    out = {"copy": 2 * nbytes / copy, "gemv_read": mat.nbytes / gemv}
+    out["best"] = max(out.values())
+    return out
 
 
 def peak_rss_bytes() -> int:
