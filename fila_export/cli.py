@@ -81,6 +81,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_check_trt(args: argparse.Namespace) -> int:
+    from fila_export.trt_check import check_artifacts, load_table
+
+    table = load_table(args.trt_version)  # unknown version: one-line error before any loading
+    precisions = [p for p in (args.precision or "").split(",") if p] or None
+    report = check_artifacts(args.artifacts, args.trt_version, precisions=precisions)
+    for finding in report:
+        print(finding.line())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    kinds = ", ".join(dict.fromkeys(p for _, p in report.graphs))
+    if report:
+        bad = len({(f.stage, f.precision) for f in report})
+        print(f"{len(report)} finding(s) in {bad} of {len(report.graphs)} graphs ({kinds}): "
+              f"TensorRT {table['tensorrt']} would not build this export as it is")  # fmt: skip
+        return 1
+    print(f"OK: {len(report.graphs)} graphs ({kinds}) in {args.artifacts} build with TensorRT "
+          f"{table['tensorrt']} (checked against onnx-tensorrt's operator table, no TensorRT run)")  # fmt: skip
+    return 0
+
+
 def _sampling(args: argparse.Namespace) -> dict:
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "seed": args.seed, "repetition_penalty": args.repetition_penalty}  # fmt: skip
@@ -279,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=3)
     p.add_argument("--json", help="also write the report as JSON here")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("check-trt", help="check, without TensorRT, that every graph will build")
+    p.add_argument("--artifacts", required=True, help="folder written by fila export")
+    p.add_argument("--trt-version", default="10.3", help="default: 10.3 (JetPack 6)")
+    p.add_argument("--precision", help="only these variants, e.g. fp32,fp16 (default: all)")
+    p.add_argument("--json", help="also write the findings as JSON here")
+    p.set_defaults(func=cmd_check_trt)
 
     p = sub.add_parser("run", help="answer with the torch-free runtime (streams text)")
     _add_backend(p)
