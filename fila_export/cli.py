@@ -103,6 +103,35 @@ def cmd_check_trt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import warnings
+
+    from calibration.calibrate import calibrate
+
+    stages = [s for part in args.stages or [] for s in part.split(",") if s] or None
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = calibrate(args.artifacts, args.images, method=args.method,
+                           num_calib=args.num_calib, num_eval=args.num_eval,
+                           gate_cosine=args.gate_cosine, seed=args.seed, llm=args.llm,
+                           max_excluded=args.max_excluded, stages=stages, prompts=args.prompts,
+                           tokens=args.tokens, e2e_images=args.e2e_images,
+                           llm_accuracy_level=args.llm_accuracy_level, threads=args.threads,
+                           log=None if args.quiet else log)  # fmt: skip
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(report.markdown())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    for message in report.messages:
+        print(f"error: {message}", file=sys.stderr)
+    return 0 if report.validated else 1
+
+
 def _sampling(args: argparse.Namespace) -> dict:
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "seed": args.seed, "repetition_penalty": args.repetition_penalty}  # fmt: skip
@@ -221,7 +250,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", required=True, help="folder written by fila export")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--precision", default="fp32", help="stage variant: fp32, fp16, int8, w8, w4")
+    p.add_argument("--precision", default="fp32",
+                   help="stage variants: fp32, fp16, int8, w8, w4; a list (int8,w4: each stage "
+                        "takes the first it has) or per stage (vision=int8,decoder=w4)")  # fmt: skip
     p.add_argument("--providers", help="onnxruntime providers, e.g. cuda,cpu (default: cpu)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
 
@@ -301,6 +332,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=3)
     p.add_argument("--json", help="also write the report as JSON here")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("calibrate", help="INT8 vision and weight-only INT8/INT4 decoder variants")
+    p.add_argument("--artifacts", required=True, help="folder written by fila export (updated)")
+    p.add_argument("--images", required=True, help="folder of real images (jpg/png/webp)")
+    p.add_argument("--prompts", help='JSONL of {"prompt": ..., "image": optional path}')
+    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    p.add_argument("--num-calib", type=int, default=32, help="calibration images")
+    p.add_argument("--num-eval", type=int, default=8, help="held-out images")
+    p.add_argument("--gate-cosine", type=float, default=0.99,
+                   help="per-stage cosine vs fp32 a variant must reach")  # fmt: skip
+    p.add_argument("--max-excluded", type=int, default=16,
+                   help="most nodes per stage the sensitivity pass may keep in fp32")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llm", default="w8,w4", help="decoder variants: w8, w4, w8,w4 or none")
+    p.add_argument("--llm-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
+                   help="MatMulNBits accuracy_level: 4 = int8 activations (fast on CPU), 0 = fp32")  # fmt: skip
+    p.add_argument("--stages", nargs="+", help="only these vision stages (default: all)")
+    p.add_argument("--tokens", type=int, default=16, help="greedy tokens compared per image")
+    p.add_argument("--e2e-images", type=int, default=3, help="held-out images for greedy agreement")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("check-trt", help="check, without TensorRT, that every graph will build")
     p.add_argument("--artifacts", required=True, help="folder written by fila export")

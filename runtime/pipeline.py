@@ -48,6 +48,48 @@ def make_runner(backend: str, path: Path, name: str, **options):
     raise FilaError(f"unknown backend {backend!r}; use onnxruntime or tensorrt")
 
 
+PRECISION_GROUPS = ("vision", "embed", "decoder")
+
+
+def precision_chooser(spec: str, stages: Sequence[str] = ()) -> Callable[[str, Sequence[str]], str]:
+    """``(stage, its variants) -> variant`` for a precision spec.
+
+    ``"fp16"``: every stage that has that variant, fp32 for the rest (as before). ``"int8,w4"``: a
+    preference list, each stage takes the first it has. ``"vision=int8,decoder=w4"``: per stage or
+    group (``vision`` covers the fused graph and every modular vision stage); a named stage lacking
+    its variant warns and runs fp32. Both forms mix: ``"fp16,decoder=w4"``. Names are checked
+    against ``stages`` (and the groups) when given.
+    """
+    defaults, named = [], {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not eq:
+            defaults.append(item)
+        elif not key.strip() or not value.strip():
+            raise FilaError(f"precision {spec!r}: {item!r} is not STAGE=PRECISION")
+        else:
+            named[key.strip()] = value.strip()
+    unknown = [k for k in named if stages and k not in (*PRECISION_GROUPS, *stages)]
+    if unknown:
+        raise FilaError(f"precision {spec!r} names {', '.join(unknown)}, which is not a stage; use "
+                        f"{', '.join(PRECISION_GROUPS)} or one of {', '.join(stages)}")  # fmt: skip
+
+    def choose(stage: str, variants: Sequence[str]) -> str:
+        group = stage if stage in ("embed", "decoder") else "vision"
+        wanted = named.get(stage, named.get(group))
+        if wanted is not None:
+            if wanted in variants:
+                return wanted
+            warnings.warn(f"stage {stage} has no {wanted} variant (it has {', '.join(variants)}); "
+                          "running it in fp32", stacklevel=3)  # fmt: skip
+            return "fp32"
+        return next((p for p in defaults if p in variants), "fp32")
+
+    return choose
+
+
 class FilaPipeline:
     def __init__(self, manifest: Manifest, runners: dict, prompts: PromptBuilder,
                  backend: str = "onnxruntime", vision_mode: str = "fused") -> None:  # fmt: skip
@@ -86,8 +128,9 @@ class FilaPipeline:
         else:
             raise FilaError(f"vision must be 'fused' or 'modular', got {vision!r}")
         runners = {}
+        choose = precision_chooser(precision, list(manifest.stages))
         for name in names:
-            variant = precision if precision in manifest.stage(name)["variants"] else "fp32"
+            variant = choose(name, manifest.stage(name)["variants"])
             entry = manifest.variant(name, variant)
             if entry.get("validated") is False:
                 warnings.warn(f"stage {name} ({variant}) did not meet its accuracy gate",

@@ -1,0 +1,204 @@
+"""The calibration report: per-stage accuracy against fp32, end-to-end greedy agreement, sizes.
+
+Per stage (held-out images): cosine, SQNR (dB) and relative L2 of the quantized graph's outputs
+against the fp32 graph's, both fed the same fp32 upstream activations. Decoder variants are
+measured on their prefill logits for the held-out prompts (image features from the fp32 vision
+graph, so the decoder's own error is isolated). End to end: greedy generation of the quantized
+pipeline against the fp32 pipeline for ``tokens`` tokens per image (EOS ignored, so every image
+compares the same number of tokens): positional token agreement, whole-sequence exact-match rate
+and mean first-divergence position (``tokens`` where there is none).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration.quantize import MetricAccumulator, Metrics
+
+REPORT_NAME = "calibration_report"
+# Relative L2 of the logits allowed per weight-only precision: fila validate's tolerances.
+DECODER_TOLERANCES = {"w8": 5e-2, "w4": 2e-1}
+
+
+@dataclass
+class StageRow:
+    stage: str
+    precision: str
+    file: str
+    bytes: int
+    fp32_bytes: int
+    metrics: Metrics
+    validated: bool
+    gate: str
+    excluded_layers: list[str] = field(default_factory=list)
+    candidates: int = 0
+    quantized: int = 0
+    full_cosine: float | None = None  # every candidate quantized, before any exclusion
+    trials: int = 0
+    message: str = ""
+    layout_problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["metrics"] = self.metrics.to_dict()
+        return d
+
+
+@dataclass
+class AgreementRow:
+    config: str  # a precision spec FilaPipeline.from_artifacts accepts
+    images: int
+    tokens: int
+    token_agreement: float
+    exact_match_rate: float
+    mean_first_divergence: float
+    bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CalibrationReport:
+    artifacts: str
+    method: str
+    gate_cosine: float
+    seed: int
+    max_excluded: int
+    split: dict
+    stages: list[StageRow] = field(default_factory=list)
+    decoder: list[StageRow] = field(default_factory=list)
+    modular_chain: Metrics | None = None
+    end_to_end: list[AgreementRow] = field(default_factory=list)
+    fp32_bytes: int = 0
+    seconds: float = 0.0
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def validated(self) -> bool:
+        return all(r.validated for r in [*self.stages, *self.decoder])
+
+    def to_dict(self) -> dict:
+        return {
+            "artifacts": self.artifacts, "method": self.method, "gate_cosine": self.gate_cosine,
+            "seed": self.seed, "max_excluded": self.max_excluded, "images": self.split,
+            "stages": [r.to_dict() for r in self.stages],
+            "decoder": [r.to_dict() for r in self.decoder],
+            "modular_chain_int8": self.modular_chain.to_dict() if self.modular_chain else None,
+            "end_to_end": [r.to_dict() for r in self.end_to_end],
+            "fp32_bytes": self.fp32_bytes, "seconds": round(self.seconds, 1),
+            "validated": self.validated, "messages": self.messages,
+        }  # fmt: skip
+
+    def markdown(self) -> str:
+        s = self.split
+        lines = [
+            f"# Calibration ({self.method}, gate cosine >= {self.gate_cosine})",
+            "",
+            f"{len(s['calibration_images'])} calibration image(s), {len(s['held_out_images'])} "
+            f"held out (seed {self.seed}), {len(s['skipped'])} unreadable skipped; calibration set "
+            f"sha256 {s['calibration_set_sha256'][:16]}...",
+            "",
+            "| stage | precision | cosine | SQNR (dB) | rel L2 | worst image cos | fp32 kept "
+            "| size (MB) | result |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in [*self.stages, *self.decoder]:
+            m = r.metrics
+            kept = f"{len(r.excluded_layers)}/{r.candidates}" if r.candidates else "-"
+            lines.append(
+                f"| {r.stage} | {r.precision} | {m.cosine:.5f} | {m.sqnr_db:.1f} | {m.rel_l2:.2e} "
+                f"| {m.min_image_cosine:.5f} | {kept} | {r.bytes / 1e6:.1f} "
+                f"(fp32 {r.fp32_bytes / 1e6:.1f}) | {'pass' if r.validated else 'FAIL'} ({r.gate}) |"
+            )
+        if self.modular_chain:
+            m = self.modular_chain
+            lines += ["", f"Modular int8 chain end to end (convnext ... projector, errors "
+                          f"compounding) vs the fused fp32 graph: cosine {m.cosine:.5f}, SQNR "
+                          f"{m.sqnr_db:.1f} dB, rel L2 {m.rel_l2:.2e}"]  # fmt: skip
+        excluded = [(r.stage, r.excluded_layers) for r in self.stages if r.excluded_layers]
+        if excluded:
+            lines += ["", "Kept in fp32 by the sensitivity pass:"]
+            lines += [f"- {stage}: {', '.join(names)}" for stage, names in excluded]
+        if self.end_to_end:
+            n = self.end_to_end[0]
+            lines += [
+                "",
+                f"## Greedy agreement with the fp32 pipeline ({n.images} held-out image(s), "
+                f"{n.tokens} tokens each, EOS ignored)",
+                "",
+                "| precision | token agreement | exact match | mean first divergence | "
+                "model size (MB) |",
+                "|---|---|---|---|---|",
+                f"| fp32 | 1.000 | 1.000 | {n.tokens:.1f} | {self.fp32_bytes / 1e6:.1f} |",
+            ]
+            for r in self.end_to_end:
+                lines.append(f"| {r.config} | {r.token_agreement:.3f} | {r.exact_match_rate:.3f} "
+                             f"| {r.mean_first_divergence:.1f} | {r.bytes / 1e6:.1f} "
+                             f"({self.fp32_bytes / max(r.bytes, 1):.2f}x smaller) |")  # fmt: skip
+        if self.messages:
+            lines += ["", *[f"**{m}**" for m in self.messages]]
+        lines += ["", f"**{'PASS' if self.validated else 'FAIL'}** ({self.seconds:.0f} s)"]
+        return "\n".join(lines)
+
+    def save(self, folder: str | Path) -> list[Path]:
+        folder = Path(folder)
+        md, js = folder / f"{REPORT_NAME}.md", folder / f"{REPORT_NAME}.json"
+        md.write_text(self.markdown() + "\n")
+        js.write_text(json.dumps(self.to_dict(), indent=2))
+        return [md, js]
+
+
+# --- end-to-end greedy agreement -----------------------------------------------------------------
+def greedy_tokens(
+    pipe, decoder_runner, embeds: np.ndarray, tokens: int
+) -> tuple[list[int], np.ndarray]:
+    """``tokens`` greedy tokens (EOS not honoured) and the prefill logits."""
+    from runtime.generate import Decoder
+
+    dec = Decoder(decoder_runner, pipe.num_layers, pipe.kv_heads, pipe.head_dim, pipe.vocab, 1,
+                  embeds.shape[1] + tokens + 1)  # fmt: skip
+    logits = dec.prefill(embeds, np.ones(embeds.shape[:2], dtype=np.int64))
+    first = logits.copy()
+    out: list[int] = []
+    for i in range(tokens):
+        out.append(int(logits[0].argmax()))
+        if i < tokens - 1:
+            logits = dec.decode_one_token(pipe.embed(np.asarray([[out[-1]]], dtype=np.int64)))
+    return out, first
+
+
+def prompt_embeds(pipe, image, features: np.ndarray, prompt: str) -> np.ndarray:
+    """The decoder's input for one image and prompt, given the vision graph's features."""
+    from runtime.preprocess import packing_index
+    from runtime.prompt import expand_image_tokens
+
+    ids = pipe.prompts.encode(pipe.prompts.format(prompt, num_images=1))
+    count = int(packing_index(image.image_size, image.grid, pipe.preprocess_config.tokens_per_side)
+                .shape[0])  # fmt: skip
+    ids = np.asarray([expand_image_tokens(ids, pipe.image_token_id, [count])], dtype=np.int64)
+    embeds = pipe.embed(ids)
+    embeds[0, ids[0] == pipe.image_token_id] = pipe.pack(features, image)
+    return embeds
+
+
+def agreement(reference: list[list[int]], got: list[list[int]], tokens: int) -> dict:
+    rates, exact, first = [], [], []
+    for a, b in zip(reference, got, strict=True):
+        same = [x == y for x, y in zip(a, b, strict=True)]
+        rates.append(sum(same) / tokens)
+        exact.append(all(same))
+        first.append(next((i for i, s in enumerate(same) if not s), tokens))
+    return {"token_agreement": float(np.mean(rates)), "exact_match_rate": float(np.mean(exact)),
+            "mean_first_divergence": float(np.mean(first))}  # fmt: skip
+
+
+def decoder_accuracy(reference_logits: list[np.ndarray], logits: list[np.ndarray]) -> Metrics:
+    acc = MetricAccumulator()
+    for a, b in zip(reference_logits, logits, strict=True):
+        acc.add({"logits": a}, {"logits": b})
+    return acc.result()

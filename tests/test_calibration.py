@@ -1,0 +1,369 @@
+"""`fila calibrate`: INT8 Q/DQ vision variants, weight-only decoder variants, their manifest entries,
+and the calibration data handling (tiny preset, a few synthetic documents: seconds on CPU)."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from calibration.calibrate import calibrate
+from calibration.dataset import (
+    ActivationStore,
+    CalibrationError,
+    CalibrationWarning,
+    collect_stage_data,
+    make_document,
+    split_images,
+    write_documents,
+)
+from calibration.quantize import (
+    QUANT_OPS,
+    check_trt_layout,
+    qdq_parameters,
+    quantize_vision_stage,
+    quantized_nodes,
+)
+from runtime.errors import FilaError
+from runtime.manifest import Manifest
+from runtime.pipeline import FilaPipeline, precision_chooser
+from tests.conftest import run_fila
+
+VISION = ["convnext", "vit.0", "cvfm.0", "vit.1", "cvfm.1", "vit.2", "cvfm.2", "vit.3", "cvfm.3",
+          "projector", "vision"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("docs")
+    write_documents(folder, 7, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_artifacts, docs, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cal") / "art"
+    shutil.copytree(tiny_artifacts, folder)
+    report = calibrate(folder, docs, num_calib=4, num_eval=2, seed=0, llm="w8,w4", tokens=4,
+                       e2e_images=1, threads=1)  # fmt: skip
+    return folder, report
+
+
+def stage_data(manifest, docs, stages, seed=0):
+    split = split_images(docs, num_calib=3, num_eval=2, seed=seed)
+    store = ActivationStore()
+    collect_stage_data(manifest, split, store, stages, threads=1)
+    return split, store
+
+
+# --- data ----------------------------------------------------------------------------------------
+def test_split_is_seeded_and_held_out_set_does_not_depend_on_num_calib(docs):
+    a = split_images(docs, num_calib=3, num_eval=2, seed=5)
+    b = split_images(docs, num_calib=3, num_eval=2, seed=5)
+    c = split_images(docs, num_calib=4, num_eval=2, seed=5)
+    d = split_images(docs, num_calib=3, num_eval=2, seed=6)
+    assert [r.path for r in a.calibration] == [r.path for r in b.calibration]
+    assert a.calibration_set_sha256 == b.calibration_set_sha256
+    assert [r.path for r in a.held_out] == [r.path for r in c.held_out]
+    assert not {r.path for r in a.held_out} & {r.path for r in a.calibration}
+    assert len(c.calibration) == 4
+    assert (a.calibration_set_sha256 != d.calibration_set_sha256
+            or [r.path for r in a.held_out] != [r.path for r in d.held_out])  # fmt: skip
+
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    with pytest.raises(CalibrationError, match="does not exist"):
+        split_images(tmp_path / "nope", num_calib=4)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(CalibrationError, match="no images"):
+        split_images(tmp_path / "empty", num_calib=4)
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path, docs):
+    folder = tmp_path / "mixed"
+    shutil.copytree(docs, folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "nested").mkdir()
+    (folder / "nested" / "empty.jpg").write_bytes(b"")
+    with pytest.warns(CalibrationWarning, match="skipped 2 unreadable"):
+        split = split_images(folder, num_calib=3, num_eval=2)
+    assert len(split.skipped) == 2
+    assert {p.split("/")[-1] for p, _ in split.skipped} == {"broken.png", "empty.jpg"}
+    assert len(split.calibration) == 3 and len(split.held_out) == 2
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.webp").write_bytes(b"nope")
+    with pytest.raises(CalibrationError, match="none of the 1 image"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split_images(bad, num_calib=3)
+
+
+def test_fewer_images_than_num_calib_warns_and_uses_what_exists(docs):
+    with pytest.warns(CalibrationWarning, match="only 5 image"):
+        split = split_images(docs, num_calib=50, num_eval=2)
+    assert len(split.calibration) == 5 and split.requested == 50
+
+
+def test_one_image_is_both_sets_with_a_warning(tmp_path):
+    make_document(0, (400, 300)).save(tmp_path / "one.png")
+    with pytest.warns(CalibrationWarning):
+        split = split_images(tmp_path, num_calib=2, num_eval=2)
+    assert len(split.calibration) == 1 and split.held_out == split.calibration
+
+
+def test_prompts_jsonl(tmp_path, docs):
+    folder = tmp_path / "p"
+    shutil.copytree(docs, folder)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "What is the total?", "image": "doc_000.png"}\n'
+                                            '\n{"prompt": "Read the table."}\n')  # fmt: skip
+    with pytest.warns(CalibrationWarning, match="only 5"):
+        split = split_images(folder, 10, 2, prompts=tmp_path / "prompts.jsonl")
+    by_name = {r.path.name: r.prompt for r in [*split.calibration, *split.held_out]}
+    assert by_name["doc_000.png"] == "What is the total?"
+    assert {p for n, p in by_name.items() if n != "doc_000.png"} == {"Read the table."}
+    (tmp_path / "bad.jsonl").write_text("just text\n")
+    with pytest.raises(CalibrationError, match="line 1"):
+        split_images(folder, 10, 2, prompts=tmp_path / "bad.jsonl")
+
+
+def test_synthetic_documents_are_deterministic():
+    a, b = make_document(3), make_document(3)
+    assert a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(make_document(4, a.size)), np.asarray(a))
+    assert np.asarray(a).std() > 10  # there is ink on the page
+
+
+def test_stage_inputs_come_from_the_fp32_upstream_stages(tiny_artifacts, docs):
+    manifest = Manifest.load(tiny_artifacts)
+    split, store = stage_data(manifest, docs, ["vit.1", "projector", "vision"])
+    with store:
+        (i1, _), (_, o0) = store.get("calib", 0, "vit.1"), store.get("calib", 0, "projector")
+        assert set(i1) == {"hidden"}
+        # the fused graph and the modular chain agree on the projected features
+        _, fused = store.get("calib", 0, "vision")
+        assert np.allclose(fused["image_features"], o0["image_features"], atol=1e-4)
+        assert store.counts == {"calib": 3, "eval": 2}
+
+
+# --- quantization --------------------------------------------------------------------------------
+def test_same_images_and_seed_give_identical_scales_and_zero_points(tiny_artifacts, docs, tmp_path):
+    manifest = Manifest.load(tiny_artifacts)
+    params = []
+    for run in range(2):
+        _, store = stage_data(manifest, docs, ["vit.0", "vision"])
+        with store:
+            for stage in ("vit.0", "vision"):
+                out = tmp_path / f"{run}.{stage}.onnx"
+                quantize_vision_stage(manifest.stage_path(stage), out, store, stage, threads=1)
+        params.append({s: qdq_parameters(onnx.load(tmp_path / f"{run}.{s}.onnx"))
+                       for s in ("vit.0", "vision")})  # fmt: skip
+    for stage in ("vit.0", "vision"):
+        a, b = params[0][stage], params[1][stage]
+        assert a and a.keys() == b.keys()
+        for name in a:
+            assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+
+
+def test_zero_points_are_int8_zero_and_weight_scales_per_output_channel(calibrated):
+    folder, _ = calibrated
+    for stage in VISION:
+        model = onnx.load(folder / f"{stage}.int8.onnx")
+        inits = {i.name: i for i in model.graph.initializer}
+        qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        assert qdq, stage
+        for node in qdq:
+            zp = inits[node.input[2]]
+            assert zp.data_type == TensorProto.INT8, (stage, node.name)
+            assert not numpy_helper.to_array(zp).any(), (stage, node.name)
+        consumers = {i: n for n in model.graph.node for i in n.input}
+        for node in qdq:
+            scale = numpy_helper.to_array(inits[node.input[1]])
+            if node.op_type == "DequantizeLinear" and node.input[0] in inits and scale.size > 1:
+                axis = next(a.i for a in node.attribute if a.name == "axis")
+                user = consumers[node.output[0]]
+                weight = numpy_helper.to_array(inits[node.input[0]])
+                assert axis == (0 if user.op_type == "Conv" else 1), (stage, node.name)
+                assert scale.size == weight.shape[axis]
+        assert check_trt_layout(model) == []
+
+
+def test_only_conv_matmul_gemm_read_dequantized_activations(calibrated):
+    """LayerNorm, Softmax, GELU (Erf), residual adds: all stay fp32."""
+    folder, _ = calibrated
+    for stage in VISION:
+        model = onnx.load(folder / f"{stage}.int8.onnx")
+        dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        for node in model.graph.node:
+            if any(i in dq_out for i in node.input):
+                assert node.op_type in QUANT_OPS, (stage, node.name, node.op_type)
+
+
+def test_every_vision_stage_meets_the_gate_and_is_in_the_manifest(calibrated):
+    folder, report = calibrated
+    manifest = Manifest.load(folder)  # hashes verified
+    assert [r.stage for r in report.stages] == VISION
+    for stage in VISION:
+        entry = manifest.variant(stage, "int8")
+        assert entry["file"] == f"{stage}.int8.onnx"
+        assert entry["precision"] == "int8" and entry["method"] == "minmax"
+        assert entry["validated"] is True, stage
+        assert entry["accuracy"]["cosine"] >= 0.99
+        assert {"cosine", "sqnr_db", "rel_l2"} <= set(entry["accuracy"])
+        assert entry["calibration_set_sha256"] == report.split["calibration_set_sha256"]
+        assert isinstance(entry["excluded_layers"], list)
+    assert manifest.variant("vision", "int8")["accuracy"]["cosine"] >= 0.99
+    assert "int8" not in manifest.stage("embed")["variants"]
+    assert (folder / "calibration_report.md").is_file()
+    assert (folder / "calibration_report.json").is_file()
+
+
+def test_w4_decoder_is_smaller_and_runs_through_the_pipeline(calibrated):
+    folder, report = calibrated
+    manifest = Manifest.load(folder)
+    fp32 = (folder / "decoder.onnx").stat().st_size
+    w4 = (folder / manifest.variant("decoder", "w4")["file"]).stat().st_size
+    w8 = (folder / manifest.variant("decoder", "w8")["file"]).stat().st_size
+    assert w4 < w8 < fp32 and w4 * 3 < fp32
+    ops = {n.op_type for n in onnx.load(folder / "decoder.w4.onnx").graph.node}
+    assert "MatMulNBits" in ops
+    assert manifest.variant("decoder", "w4")["validated"] is True
+    ref = FilaPipeline.from_artifacts(folder).generate("examples/page.png", "Hi", max_new_tokens=4)
+    for spec in ("int8,w4", "vision=int8,decoder=w4", "w4"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = FilaPipeline.from_artifacts(folder, precision=spec)
+        assert not [w for w in caught if "gate" in str(w.message)]  # every variant passed
+        out = pipe.generate("examples/page.png", "Hi", max_new_tokens=4)
+        assert out.prompt_token_ids == ref.prompt_token_ids and len(out.token_ids) <= 4
+    names = {n: r.session._model_path.rsplit("/", 1)[-1] for n, r in
+             FilaPipeline.from_artifacts(folder, precision="vision=int8,decoder=w4",
+                                         vision="modular").runners.items()}  # fmt: skip
+    assert names["decoder"] == "decoder.w4.onnx" and names["vit.2"] == "vit.2.int8.onnx"
+    assert names["embed"] == "embed.onnx"
+    rows = {r.config: r for r in report.end_to_end}
+    assert set(rows) >= {"decoder=w4", "vision=int8", "vision=int8,decoder=w4"}
+    assert all(0 <= r.token_agreement <= 1 for r in rows.values())
+
+
+def test_sensitivity_pass_keeps_the_worst_layers_in_fp32_until_the_gate_is_met(tiny_artifacts,
+                                                                               docs, tmp_path):  # fmt: skip
+    manifest = Manifest.load(tiny_artifacts)
+    _, store = stage_data(manifest, docs, ["vision"])
+    with store:
+        full = quantize_vision_stage(manifest.stage_path("vision"), tmp_path / "a.onnx", store,
+                                     "vision", threads=1)  # fmt: skip
+        gate = 1 - (1 - full.metrics.cosine) / 3  # needs some, not all, layers back in fp32
+        res = quantize_vision_stage(manifest.stage_path("vision"), tmp_path / "b.onnx", store,
+                                    "vision", gate_cosine=gate, max_excluded=40, threads=1)  # fmt: skip
+    assert res.validated and res.metrics.cosine >= gate > full.metrics.cosine
+    assert 0 < len(res.excluded) <= 40
+    assert [n for n, _ in res.sensitivity[: len(res.excluded)]] == res.excluded
+    quantized = quantized_nodes(onnx.load(tmp_path / "b.onnx"))
+    assert not quantized & set(res.excluded)
+    assert len(quantized) == res.candidates - len(res.excluded)
+
+
+def test_unreachable_gate_is_written_unvalidated_with_the_best_cosine(tiny_artifacts, docs,
+                                                                      tmp_path):  # fmt: skip
+    folder = tmp_path / "art"
+    shutil.copytree(tiny_artifacts, folder)
+    proc = run_fila("calibrate", "--artifacts", str(folder), "--images", str(docs),
+                    "--num-calib", "3", "--num-eval", "2", "--gate-cosine", "1.0",
+                    "--max-excluded", "2", "--stages", "vit.1", "--llm", "none", "--quiet",
+                    "--threads", "1")  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "best cosine reached 0.99" in proc.stderr and "--max-excluded 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    entry = Manifest.load(folder).variant("vit.1", "int8")
+    assert entry["validated"] is False and len(entry["excluded_layers"]) <= 2
+    with pytest.warns(UserWarning, match="accuracy gate"):
+        FilaPipeline.from_artifacts(folder, precision="int8", vision="modular")
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_artifacts):
+    proc = run_fila("calibrate", "--artifacts", str(tiny_artifacts), "--images",
+                    str(tmp_path / "missing"))  # fmt: skip
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.startswith("error: calibration image folder") and "Traceback" not in proc.stderr
+    )
+    proc = run_fila("calibrate", "--artifacts", str(tiny_artifacts), "--images", str(tmp_path),
+                    "--llm", "w3")  # fmt: skip
+    assert proc.returncode == 1 and "--llm w3" in proc.stderr
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_methods(tiny_artifacts, docs, tmp_path, method):
+    manifest = Manifest.load(tiny_artifacts)
+    _, store = stage_data(manifest, docs, ["vit.0", "projector"])
+    with store:
+        for stage in ("vit.0", "projector"):
+            res = quantize_vision_stage(manifest.stage_path(stage), tmp_path / f"{stage}.onnx",
+                                        store, stage, method=method, threads=1)  # fmt: skip
+            assert res.validated and res.method == method
+            assert check_trt_layout(onnx.load(tmp_path / f"{stage}.onnx")) == []
+
+
+# --- precision specs -----------------------------------------------------------------------------
+def test_precision_specs():
+    vision = ["fp32", "fp16", "int8"]
+    dec = ["fp32", "fp16", "w8", "w4"]
+    plain = precision_chooser("fp16")
+    assert plain("vision", vision) == "fp16" and plain("decoder", dec) == "fp16"
+    assert precision_chooser("int8")("decoder", dec) == "fp32"
+    pref = precision_chooser("int8,w4")
+    assert pref("vit.0", vision) == "int8" and pref("decoder", dec) == "w4"
+    assert pref("embed", ["fp32", "fp16"]) == "fp32"
+    named = precision_chooser("vision=int8,decoder=w4")
+    assert named("vision", vision) == "int8" and named("cvfm.2", vision) == "int8"
+    assert named("decoder", dec) == "w4" and named("embed", ["fp32", "fp16"]) == "fp32"
+    mixed = precision_chooser("fp16,decoder=w4,vit.0=fp32")
+    assert mixed("vit.0", vision) == "fp32" and mixed("vit.1", vision) == "fp16"
+    assert mixed("decoder", dec) == "w4" and mixed("embed", ["fp32", "fp16"]) == "fp16"
+    with pytest.warns(UserWarning, match="no w4 variant"):
+        assert precision_chooser("decoder=w4")("decoder", ["fp32"]) == "fp32"
+    with pytest.raises(FilaError, match="not a stage"):
+        precision_chooser("vison=int8", ["vision", "decoder"])
+    with pytest.raises(FilaError, match="STAGE=PRECISION"):
+        precision_chooser("decoder=")
+
+
+def test_graph_outputs_and_fp32_consumers_keep_float_tensors(tmp_path):
+    """A tensor that is a graph output, feeds a quantized MatMul and an fp32 Add: the output and
+    the Add get the float tensor, only the MatMul reads the dequantized copy."""
+    from onnx import helper
+
+    from calibration.quantize import load_named, quantize_qdq
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n)
+              for n in ("w1", "w2"))  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["y"], name="mm1"),
+         helper.make_node("MatMul", ["y", "w2"], ["z"], name="mm2"),
+         helper.make_node("Add", ["y", "x"], ["a"], name="add")],
+        "toy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 8]) for n in "yza"],
+        [w1, w2],
+    )  # fmt: skip
+    path = tmp_path / "toy.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    store = ActivationStore()
+    with store:
+        for i in range(3):
+            store.put("calib", i, "toy", {"x": rng.standard_normal((4, 8)).astype(np.float32)}, {})
+        q = quantize_qdq(load_named(path), tmp_path / "toy.int8.onnx", store, "toy", "minmax", [],
+                         tmp_path / "ranges.json")  # fmt: skip
+    producer = {o: n for n in q.graph.node for o in n.output}
+    assert producer["y"].name == "mm1" and {o.name for o in q.graph.output} == {"y", "z", "a"}
+    add = next(n for n in q.graph.node if n.name == "add")
+    assert list(add.input) == ["y", "x"]
+    mm2 = next(n for n in q.graph.node if n.name == "mm2")
+    assert producer[mm2.input[0]].op_type == "DequantizeLinear"
+    assert quantized_nodes(q) == {"mm1", "mm2"}
+    onnx.checker.check_model(q)
