@@ -17,7 +17,9 @@ def test_bench_writes_json_markdown_and_plots(tiny_artifacts, tiny_checkpoint, t
     labels = [(x["backend"], x["precision"]) for x in data["results"]]
     assert labels == [("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16")]
     for result in data["results"]:
-        assert {"vision", "prefill", "decode_step", "vit", "cvfm", "convnext"} <= set(result["stages"])
+        assert {"vision", "prefill", "decode_step", "vit", "cvfm", "convnext"} <= set(
+            result["stages"]
+        )
         assert set(result["decode"]) == {"16", "64"}
         assert result["decode"]["16"]["roofline_ratio"] > 0
         assert result["speedup_vs_torch"]["end_to_end"] > 0
