@@ -1,8 +1,10 @@
 """A seeded synthetic fine-grained reading task for the demo model (numpy + Pillow only).
 
-Each image holds one short string in a box: a 3-5 digit number or one word of :data:`WORDS`, with
-varied font, size, position, colours, a few background shapes and light noise. Image sizes are
-drawn around the canvases of the anyres grid, so the ViT sees 2-4 tiles. Every sample knows, from
+Each image holds one short string in a box: a 3-5 digit number or one word of :data:`WORDS`, in
+dark ink on a light box of a named colour (:data:`PALETTE`) over a background of any colour, with
+varied font, size and position, a few faint background shapes and light noise (``plain=True``:
+black on white and nothing else, for a training curriculum). Image sizes are drawn around the
+canvases of the anyres grid, so the ViT sees 2-4 tiles. Every sample knows, from
 the anyres geometry (``select_best_resolution`` + ``fitted_size``, exactly what preprocessing
 does), whether its text straddles a tile boundary: that is the case a ViT reading tiles one by one
 finds hard and FILA's whole-image ConvNeXt branch should help with.
@@ -25,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from runtime.preprocess import fitted_size, select_best_resolution
 
-DEFAULT_TILE = 112
+DEFAULT_TILE = 56
 DEFAULT_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
     (h * DEFAULT_TILE, w * DEFAULT_TILE) for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 )
@@ -34,11 +36,23 @@ WORDS: tuple[str, ...] = tuple(
     "DATE NAME CODE LABEL SIGN ITEM COFFEE ROCKET CAMERA MODEL VISION PAGE TABLE".split()
 )
 QUESTIONS = {"number": "What is the number?", "word": "What word is in the box?"}
+COLOUR_QUESTION = "What colour is the box?"
+# Named light box colours (also an auxiliary training question); the text is always dark ink on
+# the light box, so colours vary but the glyphs keep one polarity.
+PALETTE = {
+    "WHITE": (242, 242, 242),
+    "YELLOW": (245, 225, 95),
+    "ORANGE": (250, 180, 95),
+    "GREEN": (150, 225, 150),
+    "BLUE": (150, 190, 250),
+    "RED": (250, 150, 150),
+    "GRAY": (190, 190, 190),
+}
 HELDOUT_SEED = 20240808
 HELDOUT_SIZE = 200
 HELDOUT_BOUNDARY_SHARE = 0.5
 MIN_CUT_FRACTION = 0.2  # a boundary must leave >= this share of the text on each side
-FONT_SIZE_RANGE = (0.14, 0.21)  # font size in pixels, as a fraction of the tile size
+FONT_SIZE_RANGE = (0.45, 0.65)  # font size in pixels, as a fraction of the tile size
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 FONT_FILES = (
     "DejaVuSans.ttf",
@@ -139,12 +153,11 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, 3))
 
 
-def _contrasting(rng: np.random.Generator, other: Sequence[int], min_diff: float = 110):
-    for _ in range(100):
-        c = _colour(rng)
-        if abs(_luma(c) - _luma(other)) >= min_diff:
+def _dark(rng: np.random.Generator, max_luma: float = 70) -> tuple[int, int, int]:
+    while True:
+        c = tuple(int(v) for v in rng.integers(0, 140, 3))
+        if _luma(c) <= max_luma:
             return c
-    return (0, 0, 0) if _luma(other) > 127 else (255, 255, 255)
 
 
 def _image_size(rng: np.random.Generator, pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -202,14 +215,15 @@ def make_sample(
     tile_size: int = DEFAULT_TILE,
     pinpoints: Sequence[Sequence[int]] = DEFAULT_PINPOINTS,
     font_size_range: tuple[float, float] = FONT_SIZE_RANGE,
+    plain: bool = False,
 ) -> Sample:
     """Sample ``index`` of stream ``seed``. ``boundary``: None places the text anywhere (the flag
     says where it fell), True makes a tile boundary split it, False keeps it inside one tile."""
     rng = np.random.default_rng([seed, index, _MODES[boundary]])
-    for _attempt in range(200):
+    kind, text = _text(rng)
+    font_name = FONT_FILES[int(rng.integers(len(FONT_FILES)))]
+    for _attempt in range(200):  # a new image size and font size until the text fits
         size = _image_size(rng, pinpoints)
-        kind, text = _text(rng)
-        font_name = FONT_FILES[int(rng.integers(len(FONT_FILES)))]
         lo, hi = font_size_range
         font_size = int(round(rng.uniform(lo, hi) * tile_size))
         font = load_font(font_name, font_size)
@@ -228,7 +242,11 @@ def make_sample(
         break
     else:  # pragma: no cover - the size ranges above always leave room
         raise RuntimeError(f"could not place text for sample {seed}/{index}")
-    image = _render(rng, size, text, font, (pos[0] - left, pos[1] - top), bbox, pad)
+    names = list(PALETTE)
+    box_colour = names[int(rng.integers(len(names)))]
+    image = _render(
+        rng, size, text, font, (pos[0] - left, pos[1] - top), bbox, pad, box_colour, plain
+    )
     geo = canvas_geometry(size, tile_size, pinpoints)
     meta = {
         "seed": seed,
@@ -238,6 +256,7 @@ def make_sample(
         "text": text,
         "font": font_name,
         "font_size": font_size,
+        "box_colour": box_colour,
         "image_size": list(size),
         "text_bbox": [round(v, 2) for v in bbox],
         "canvas": list(geo["canvas"]),
@@ -251,10 +270,21 @@ def make_sample(
     return Sample(image, QUESTIONS[kind], text, meta)
 
 
-def _render(rng, size, text, font, origin, bbox, pad) -> Image.Image:
+def _render(rng, size, text, font, origin, bbox, pad, box_colour, plain=False) -> Image.Image:
     """Background + distractors, the box around ``bbox`` (the text's ink box), text, noise."""
     h, w = size
+    box = (bbox[0] - pad, bbox[1] - pad, bbox[2] + pad, bbox[3] + pad)
+    if plain:  # black on white, nothing else
+        image = Image.new("RGB", (w, h), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle(box, outline=(0, 0, 0), width=1)
+        draw.text(origin, text, font=font, fill=(0, 0, 0))
+        return image
+    fill = np.array(PALETTE[box_colour]) + rng.integers(-15, 16, 3)
+    fill = tuple(int(c) for c in np.clip(fill, 0, 255))
     bg = _colour(rng)
+    while np.linalg.norm(np.subtract(bg, fill)) < 100:  # the box stands out from the background
+        bg = _colour(rng)
     image = Image.new("RGB", (w, h), bg)
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(0, 4))):  # a few faint distractor shapes
@@ -265,10 +295,8 @@ def _render(rng, size, text, font, origin, bbox, pad) -> Image.Image:
             draw.line((x0, y0, x1, y1), fill=col, width=int(rng.integers(1, 4)))
         else:
             draw.rectangle((x0, y0, x1, y1), outline=col, width=int(rng.integers(1, 3)))
-    fill = _contrasting(rng, bg, 40)
-    ink = _contrasting(rng, fill)
-    box = (bbox[0] - pad, bbox[1] - pad, bbox[2] + pad, bbox[3] + pad)
-    outline = _contrasting(rng, fill, 60)
+    ink = _dark(rng)
+    outline = _dark(rng)
     draw.rectangle(box, fill=fill, outline=outline, width=int(rng.integers(1, 3)))
     draw.text(origin, text, font=font, fill=ink)
     pixels = np.asarray(image, dtype=np.float32)

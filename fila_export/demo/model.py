@@ -1,9 +1,10 @@
 """The ``demo`` config: a FILA small enough to train on two CPU cores in half an hour.
 
-Tiles of 112 px with 14 px patches (8 x 8 tokens per tile), a 5-layer ViT of width 128 (the
-projector reads layer 4), a 4-stage ConvNeXt of widths 32-128 that sees each tile at 128 px, and a
-2-layer Llama of width 192 over the demo tokenizer's 300-token byte-level BPE, whose answers to the
-reading task are one token per character. About 2.3 M parameters: 9 MB as fp32 safetensors.
+Tiles of 56 px with 14 px patches (4 x 4 tokens per tile, at most 88 image tokens for the 2 x 2
+grid), a 5-layer ViT of width 128 (the projector reads layer 4), a 4-stage ConvNeXt of widths
+32-128 that sees each tile at 64 px, and a 2-layer Llama of width 128 over the demo tokenizer's
+300-token byte-level BPE, whose answers to the reading task are one token per character. About
+2.2 M parameters: 8.8 MB as fp32 safetensors.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from fila_export.config import ConvNextConfig, FilaConfig
 from fila_export.demo.data import DEFAULT_PINPOINTS, DEFAULT_TILE
 
 DEMO_VOCAB = 300  # byte-level BPE: 256 bytes + 4 specials + 40 merges (digits stay single tokens)
-DEMO_MAX_POSITIONS = 512  # <= 336 image tokens (2 x 2 grid) + prompt + answer
+DEMO_MAX_POSITIONS = 256  # <= 88 image tokens (2 x 2 grid) + a two-question chat
 
 
 def demo_config(convnext: bool = True, vocab_size: int = DEMO_VOCAB) -> FilaConfig:
@@ -32,8 +33,8 @@ def demo_config(convnext: bool = True, vocab_size: int = DEMO_VOCAB) -> FilaConf
     text = {
         "model_type": "llama",
         "vocab_size": vocab_size,
-        "hidden_size": 192,
-        "intermediate_size": 512,
+        "hidden_size": 128,
+        "intermediate_size": 384,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 4,
@@ -50,5 +51,29 @@ def demo_config(convnext: bool = True, vocab_size: int = DEMO_VOCAB) -> FilaConf
         convnext=ConvNextConfig(depths=[1, 1, 2, 1], dims=[32, 64, 96, 128]) if convnext else None,
         interaction_layers=[1, 2, 3, 4],
         image_grid_pinpoints=[list(p) for p in DEFAULT_PINPOINTS],
-        global_view_scale=128 / tile,  # each 112 px tile is 128 px (4 stride-32 cells) for ConvNeXt
+        global_view_scale=64 / tile,  # each 56 px tile is 64 px (2 stride-32 cells) for ConvNeXt
     )
+
+
+def init_demo_weights(model, seed: int, layer_scale: float = 1.0) -> None:
+    """``init_weights(seed, zero_init_cvfm=True)``, then the ConvNeXt made trainable from scratch.
+
+    ``init_weights`` recognises norms by name, and timm names the ConvNeXt stem and downsample
+    LayerNorms ``stem.1`` / ``downsample.0``, so they get 0.02-scale random weights (and the
+    layer-scale ``gamma`` too): every stage then shrinks its input ~50x with a random sign, and
+    the branch barely trains. Here those LayerNorms become the identity affine and ``gamma`` a
+    constant ``layer_scale``.
+    """
+    import torch
+
+    model.init_weights(seed, zero_init_cvfm=True)
+    if model.convnext is None:
+        return
+    with torch.no_grad():
+        for module in model.convnext.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        for name, p in model.convnext.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(layer_scale)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from fila_export.demo import data
@@ -33,14 +34,15 @@ def demo_prompts(vocab_size: int):
 
 @dataclass
 class Example:
-    """One sample ready for the model."""
+    """One chat about one image, ready for the model."""
 
     image: PreprocessedImage
-    prompt_ids: list[int]  # BOS + chat prompt, image placeholder expanded
-    answer_ids: list[int]  # answer tokens + EOS: the only positions with a loss
+    ids: list[int]  # BOS + chat, image placeholder expanded
+    labels: list[int]  # the token to predict at each position: answers + EOS, else IGNORE
 
 
 def prompt_ids(prompts: PromptBuilder, question: str) -> list[int]:
+    """BOS + ``USER: <image>\nquestion ASSISTANT:`` (placeholder not expanded)."""
     return prompts.encode(prompts.format(question, num_images=1))
 
 
@@ -50,17 +52,52 @@ def answer_ids(prompts: PromptBuilder, answer: str) -> list[int]:
     return [*ids, *prompts.eos_token_ids]
 
 
-def make_example(sample: data.Sample, prompts: PromptBuilder, model_config) -> Example:
+def chat_ids(prompts: PromptBuilder, turns: Sequence[tuple[str, str]]) -> tuple[list, list]:
+    """(ids, labels) of a chat about one image, as the vicuna template renders it: ``USER:
+    <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>``; labels on answers + EOS."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for k, (question, ans) in enumerate(turns):
+        if k == 0:
+            p = prompt_ids(prompts, question)
+        else:
+            text = f"USER: {question} ASSISTANT:"
+            p = prompts.tokenizer.encode(text, add_special_tokens=False).ids
+        a = answer_ids(prompts, ans)
+        ids += p + a
+        labels += [IGNORE] * len(p) + a
+    return ids, labels
+
+
+def make_example(
+    sample: data.Sample,
+    prompts: PromptBuilder,
+    model_config,
+    turns: Sequence[tuple[str, str]] | None = None,
+) -> Example:
+    """The sample's reading question (or the given ``turns``) with its image preprocessed."""
     from fila_export.config import preprocess_config
     from runtime.preprocess import num_image_tokens
 
     pcfg = preprocess_config(model_config)
     image = preprocess(sample.image, pcfg)
     count = num_image_tokens(image.image_size, pcfg)
-    ids = expand_image_tokens(
-        prompt_ids(prompts, sample.question), model_config.image_token_index, [count]
-    )
-    return Example(image, ids, answer_ids(prompts, sample.answer))
+    ids, labels = chat_ids(prompts, turns or [(sample.question, sample.answer)])
+    image_token = model_config.image_token_index
+    out_ids = expand_image_tokens(ids, image_token, [count])
+    pos = ids.index(image_token)
+    out_labels = labels[:pos] + [IGNORE] * count + labels[pos + 1 :]
+    return Example(image, out_ids, out_labels)
+
+
+def training_turns(sample: data.Sample, rng, aux_share: float) -> list[tuple[str, str]]:
+    """The reading question, and with probability ``aux_share`` also the box-colour question
+    (in random order): an easy, localised signal that teaches the model where the box is."""
+    turns = [(sample.question, sample.answer)]
+    if rng.random() < aux_share:
+        aux = (data.COLOUR_QUESTION, sample.meta["box_colour"])
+        turns = [aux, *turns] if rng.random() < 0.5 else [*turns, aux]
+    return turns
 
 
 def encode_images(
@@ -96,22 +133,22 @@ def encode_images(
 
 
 def collate(examples: Sequence[Example], pad_id: int = 0):
-    """Right-padded (input_ids, attention_mask, labels); labels only on answer tokens + EOS."""
-    seqs = [ex.prompt_ids + ex.answer_ids for ex in examples]
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
-    for b, (ex, seq) in enumerate(zip(examples, seqs, strict=True)):
-        ids[b, : len(seq)] = torch.tensor(seq)
-        mask[b, : len(seq)] = 1
-        n = len(ex.prompt_ids)
-        labels[b, n : len(seq)] = torch.tensor(ex.answer_ids)
+    """Right-padded (input_ids, attention_mask, labels)."""
+    length = max(len(ex.ids) for ex in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for b, ex in enumerate(examples):
+        n = len(ex.ids)
+        ids[b, :n] = torch.tensor(ex.ids)
+        mask[b, :n] = 1
+        labels[b, :n] = torch.tensor(ex.labels)
     return ids, mask, labels
 
 
 def batch_loss(model: FilaForConditionalGeneration, examples: Sequence[Example]) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens (+ EOS), teacher-forced."""
+    """Mean cross-entropy of the answer tokens (+ EOS), teacher-forced: ``labels[t]`` is the
+    token at ``t``, predicted from position ``t - 1``."""
     ids, mask, labels = collate(examples)
     feats = encode_images(model, [ex.image for ex in examples])
     logits = model(ids, feats, attention_mask=mask)
@@ -130,10 +167,18 @@ def answer(
     max_new_tokens: int = 10,
 ) -> str:
     """Greedy answer through the inference path (``encode_image`` + ``generate``), stripped."""
-    ex = make_example(sample, prompts, model.config)
-    feats = [model.encode_image(ex.image)]
+    from fila_export.config import preprocess_config
+    from runtime.preprocess import num_image_tokens
+
+    pcfg = preprocess_config(model.config)
+    image = preprocess(sample.image, pcfg)
+    count = num_image_tokens(image.image_size, pcfg)
+    ids = expand_image_tokens(
+        prompt_ids(prompts, sample.question), model.config.image_token_index, [count]
+    )
+    feats = [model.encode_image(image)]
     out = model.generate(
-        torch.tensor([ex.prompt_ids]),
+        torch.tensor([ids]),
         feats,
         max_new_tokens=max_new_tokens,
         eos_token_id=prompts.eos_token_ids or None,
@@ -177,16 +222,20 @@ class TrainSettings:
     steps: int | None = None  # None: fit the step count to ``minutes``
     minutes: float | None = None
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr_ratio: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
     train_boundary_share: float = 0.25
+    aux_share: float = 0.5  # share of training chats that also ask the box colour
+    plain_start: float = 0.0  # share of plain (black-on-white) training images at step 0 ...
+    plain_until: float = 0.5  # ... falling linearly to 0 at this fraction of the steps
     eval_every: int = 200
     eval_samples: int = 100  # periodic evals use the first N held-out samples; the final all
     heldout: int = data.HELDOUT_SIZE
+    data_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. font_size_range
     progress: bool = True
     log: Callable[[str], None] = print
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -219,8 +268,9 @@ def train(
         betas=(0.9, 0.98),
         eps=1e-8,
     )
-    stream = data.generate(s.seed, None, s.train_boundary_share)
-    heldout = data.heldout_set(s.heldout)
+    rng = np.random.default_rng([s.seed, 1])
+    index = 0
+    heldout = data.heldout_set(s.heldout, **s.data_kwargs)
     periodic = heldout[: s.eval_samples]
     model.train()
     t0 = time.perf_counter()
@@ -230,11 +280,20 @@ def train(
         raise ValueError("give steps or minutes")
     planned = total or 10**9
     bar = tqdm(total=total, disable=not s.progress, dynamic_ncols=True, mininterval=2)
-    step, ema, eval_time, calib_at = 0, None, 0.0, 20
+    step, ema, eval_time, calib_from, calib_at = 0, None, 0.0, None, 25
     while step < planned:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, planned, s)
-        batch = [make_example(next(stream), prompts, model.config) for _ in range(s.batch_size)]
+        batch = []
+        for _ in range(s.batch_size):
+            p_plain = s.plain_start * max(0.0, 1 - step / max(1.0, s.plain_until * planned))
+            boundary = True if data._forced(index, s.train_boundary_share) else None
+            sample = data.make_sample(
+                s.seed, index, boundary, plain=bool(rng.random() < p_plain), **s.data_kwargs
+            )
+            index += 1
+            turns = training_turns(sample, rng, s.aux_share)
+            batch.append(make_example(sample, prompts, model.config, turns))
         loss = batch_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -245,10 +304,12 @@ def train(
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+        if step == 5:
+            calib_from = time.perf_counter()
         if total is None and step == calib_at:
-            # Fit the schedule to the time budget: time per step so far, plus periodic evals
-            # (one timed now on a few samples) and a final full eval.
-            per_step = (time.perf_counter() - t0) / step
+            # Fit the schedule to the time budget: time per step (after the slow first ones),
+            # plus periodic evals (one timed now on a few samples) and a final full eval.
+            per_step = (time.perf_counter() - calib_from) / (step - 5)
             te = time.perf_counter()
             evaluate(model, prompts, heldout[:8])
             per_sample = (time.perf_counter() - te) / 8
