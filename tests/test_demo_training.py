@@ -78,7 +78,6 @@ def _independent_cut_check(sample: data.Sample, tile: int, pinpoints) -> bool:
     return False
 
 
-@pytest.mark.xfail(reason="issue 8 in progress: boundary placement not yet reliable", strict=False)
 def test_boundary_subset_really_straddles_a_tile_boundary():
     cfg = demo_config()
     tile, pinpoints = cfg.tile_size, cfg.image_grid_pinpoints

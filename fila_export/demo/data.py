@@ -218,7 +218,8 @@ def make_sample(
     plain: bool = False,
 ) -> Sample:
     """Sample ``index`` of stream ``seed``. ``boundary``: None places the text anywhere (the flag
-    says where it fell), True makes a tile boundary split it, False keeps it inside one tile."""
+    says where it fell), True makes a tile boundary split it, False keeps it inside one tile
+    (shrinking the font below ``font_size_range`` when the text is wider than a tile)."""
     rng = np.random.default_rng([seed, index, _MODES[boundary]])
     kind, text = _text(rng)
     font_name = FONT_FILES[int(rng.integers(len(FONT_FILES)))]
@@ -229,6 +230,11 @@ def make_sample(
         font = load_font(font_name, font_size)
         left, top, right, bottom = font.getbbox(text)
         tw, th = right - left, bottom - top
+        if boundary is False and tw > 0.8 * tile_size:  # smaller text so one tile can hold it
+            font_size = max(6, int(font_size * 0.8 * tile_size / tw))
+            font = load_font(font_name, font_size)
+            left, top, right, bottom = font.getbbox(text)
+            tw, th = right - left, bottom - top
         pad = max(2, round(0.3 * th))
         pos = _place(rng, size, (tw, th), pad + 2, boundary, tile_size, pinpoints)
         if pos is None:
@@ -307,7 +313,7 @@ def _render(rng, size, text, font, origin, bbox, pad, box_colour, plain=False) -
 # --- sets ------------------------------------------------------------------------------------
 
 
-def _forced(i: int, share: float) -> bool:
+def forced_boundary(i: int, share: float) -> bool:
     """Spread ``share`` of the indices evenly: exactly round-down(n * share) in the first n."""
     return math.floor((i + 1) * share) > math.floor(i * share)
 
@@ -323,7 +329,7 @@ def generate(
     ``boundary_share`` of them are made to straddle a tile boundary, the rest fall anywhere."""
     i = start
     while n is None or i < start + n:
-        yield make_sample(seed, i, True if _forced(i, boundary_share) else None, **kwargs)
+        yield make_sample(seed, i, True if forced_boundary(i, boundary_share) else None, **kwargs)
         i += 1
 
 

@@ -287,7 +287,7 @@ def train(
         batch = []
         for _ in range(s.batch_size):
             p_plain = s.plain_start * max(0.0, 1 - step / max(1.0, s.plain_until * planned))
-            boundary = True if data._forced(index, s.train_boundary_share) else None
+            boundary = True if data.forced_boundary(index, s.train_boundary_share) else None
             sample = data.make_sample(
                 s.seed, index, boundary, plain=bool(rng.random() < p_plain), **s.data_kwargs
             )
