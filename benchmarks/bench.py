@@ -40,14 +40,7 @@ def bench_target(target, warmup: int, runs: int, contexts: Sequence[int], decode
     for ctx in contexts:
         prepare, step = target.decode_at(ctx, decode_steps + warmup)
         prepare()
-        for _ in range(warmup):
-            step()
-        samples = []
-        for _ in range(decode_steps):
-            t0 = time.perf_counter()
-            step()
-            samples.append(time.perf_counter() - t0)
-        s = summarize(samples)
+        s = time_it(step, warmup, decode_steps)
         tok_s = 1000 / s["p50_ms"]
         bytes_per_token = target.weight_bytes + kv_bytes_per_pos * ctx
         result["decode"][str(ctx)] = s | {

@@ -21,6 +21,7 @@ from torch import nn
 
 from fila_export.config import FilaConfig, preprocess_config
 from fila_export.model import vision
+from runtime.profiles import resolve
 
 
 @dataclass(frozen=True)
@@ -254,21 +255,12 @@ def vision_chain(config: FilaConfig) -> list[str]:
 
 
 # --- sample inputs and torch.export dynamic shapes -------------------------------------------
-def resolve_dim(entry: int | str, values: dict[str, int]) -> int:
-    if isinstance(entry, int):
-        return entry
-    if "*" in entry:
-        k, axis = entry.split("*")
-        return int(k) * values[axis]
-    return values[entry]
-
-
 def sample_inputs(spec: StageSpec, values: dict[str, int], seed: int = 0) -> tuple:
     """Random inputs for a stage at the given axis values (ids and masks made valid)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for t in spec.inputs:
-        shape = [resolve_dim(d, values) for d in t.shape]
+        shape = [resolve(d, values) for d in t.shape]
         if t.name == "input_ids":
             out.append(torch.randint(4, 64, shape, generator=gen))
         elif t.name == "attention_mask":
