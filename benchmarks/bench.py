@@ -21,7 +21,8 @@ from runtime.errors import FilaError
 
 def bench_target(target, warmup: int, runs: int, contexts: Sequence[int], decode_steps: int,
                  bandwidth: float, kv_bytes_per_pos: int) -> dict:  # fmt: skip
-    result = {"backend": target.backend, "precision": target.precision, "stages": {}}
+    result = {"backend": target.backend, "precision": target.precision, "stages": {},
+              "decoder_stage": target.decoder_stage}  # fmt: skip
     for group in STAGE_GROUPS:
         fns = target.stages.get(group)
         if not fns:
@@ -88,14 +89,18 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
               precisions: Sequence[str], images: str | Path | None = None,
               contexts: Sequence[int] = (128, 512, 2048), warmup: int = 3, runs: int = 20,
               decode_steps: int = 32, answer_tokens: int = 32, threads: int | None = None,
-              prompt: str = "Describe the image.") -> dict:  # fmt: skip
+              prompt: str = "Describe the image.", decoders: Sequence[str] = ("auto",)) -> dict:  # fmt: skip
+    """``decoders``: which decoder graphs the onnxruntime backend runs (``auto``, ``gqa``,
+    ``portable``; several give one column each)."""
     from fila_export.validate import find_images
     from runtime.manifest import Manifest
 
     artifacts = Path(artifacts)
     manifest = Manifest.load(artifacts)
     image = find_images(images)[0]
-    max_ctx = manifest.stage("decoder")["axes"]["total"]["max"]
+    max_ctx = min(
+        s["axes"]["total"]["max"] for n, s in manifest.stages.items() if n.startswith("decoder")
+    )
     contexts = [c for c in contexts if c + decode_steps + warmup < max_ctx]
     bw = measure_bandwidth()
     bandwidth = bw["best"]
@@ -107,21 +112,23 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
            "model": {"preset_text": manifest.model["text"], "vision": manifest.model["vision"]},
            "results": []}  # fmt: skip
     kv_pos = kv_bytes_per_position(manifest.model)
-    for backend in backends:
-        for precision in ["fp32"] if backend == "torch" else precisions:
-            if backend == "torch":
-                if checkpoint is None:
-                    raise FilaError("the torch baseline needs --checkpoint")
-                target = torch_target(Path(checkpoint), image, prompt, answer_tokens, threads)
-            else:
-                target = runtime_target(
-                    artifacts, backend, precision, image, prompt, answer_tokens, threads
-                )
-            out["results"].append(
-                bench_target(target, warmup, runs, contexts, decode_steps, bandwidth, kv_pos)
+    runs_for = [(b, p, d) for b in backends
+                for p in (["fp32"] if b == "torch" else precisions)
+                for d in (decoders if b == "onnxruntime" else ["auto"])]  # fmt: skip
+    for backend, precision, decoder in runs_for:
+        if backend == "torch":
+            if checkpoint is None:
+                raise FilaError("the torch baseline needs --checkpoint")
+            target = torch_target(Path(checkpoint), image, prompt, answer_tokens, threads)
+        else:
+            target = runtime_target(
+                artifacts, backend, precision, image, prompt, answer_tokens, threads, decoder
             )
-            del target
-            gc.collect()
+        out["results"].append(
+            bench_target(target, warmup, runs, contexts, decode_steps, bandwidth, kv_pos)
+        )
+        del target
+        gc.collect()
     add_speedups(out)
     return out
 

@@ -50,7 +50,7 @@ def decode_rate(runner, embed, manifest, context: int, steps: int, warmup: int) 
 def main(argv: Sequence[str] | None = None) -> int:
     from calibration.quantize import file_size
     from runtime.manifest import Manifest
-    from runtime.pipeline import make_runner
+    from runtime.pipeline import choose_decoder, make_runner
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--artifacts", required=True, help="export with a w4 (or w8) decoder variant")
@@ -71,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return embed_runner.infer({"input_ids": ids})["inputs_embeds"]
 
     precisions = ["fp32", args.precision]
-    runners = {q: make_runner("onnxruntime", manifest.stage_path("decoder", q), "decoder", **opts)
+    stage = choose_decoder(manifest, "onnxruntime")
+    runners = {q: make_runner("onnxruntime", manifest.stage_path(stage, q), stage, **opts)
                for q in precisions}  # fmt: skip
     rates: dict[str, list[float]] = {q: [] for q in precisions}
     for _ in range(args.rounds):
@@ -81,10 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"context": args.context, "steps": args.steps, "rounds": args.rounds,
               "threads": args.threads, "variants": {}}  # fmt: skip
     for q in precisions:
-        size = file_size(manifest.stage_path("decoder", q))
+        size = file_size(manifest.stage_path(stage, q))
         med = statistics.median(rates[q])
         result["variants"][q] = {"tokens_per_s": med, "all_rounds": rates[q], "bytes": size}
-        print(f"decoder {q:>4}: {med:7.2f} tokens/s (rounds: "
+        print(f"{stage} {q:>4}: {med:7.2f} tokens/s (rounds: "
               f"{', '.join(f'{r:.2f}' for r in rates[q])}), {size / 1e6:8.1f} MB")  # fmt: skip
     fp32, quant = result["variants"]["fp32"], result["variants"][args.precision]
     result["speedup"] = quant["tokens_per_s"] / fp32["tokens_per_s"]

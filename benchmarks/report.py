@@ -9,7 +9,10 @@ from benchmarks.targets import STAGE_GROUPS
 
 
 def _label(r: dict) -> str:
-    return f"{r['backend']} {r['precision']}"
+    """``backend precision``; ONNX Runtime on the portable decoder graph is marked as such (its
+    default is ``decoder_gqa``)."""
+    portable = r["backend"] == "onnxruntime" and r.get("decoder_stage") == "decoder"
+    return f"{r['backend']} {r['precision']}" + (" (portable decoder)" if portable else "")
 
 
 def markdown(out: dict) -> str:
@@ -83,35 +86,41 @@ def plots(out: dict, folder: Path) -> list[Path]:
 
     results = out["results"]
     labels = [_label(r) for r in results]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    bottom = [0.0] * len(results)
-    for g in ("preprocess", "vision", "prefill", "decode_step"):
-        vals = [r["stages"].get(g, {}).get("p50_ms", 0.0) for r in results]
-        ax.bar(labels, vals, bottom=bottom, label=g)
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax.set_ylabel("p50 latency (ms)")
-    ax.set_title("Latency per stage (vision = fused graph; one decode step)")
-    ax.legend()
-    fig.tight_layout()
-    p1 = folder / "latency_per_stage.png"
-    fig.savefig(p1, dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        ctxs = sorted(int(c) for c in r["decode"])
-        ax.plot(
-            ctxs, [r["decode"][str(c)]["tokens_per_s"] for c in ctxs], marker="o", label=_label(r)
-        )
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title("Decode throughput vs context")
-    ax.legend()
-    fig.tight_layout()
-    p2 = folder / "decode_vs_context.png"
-    fig.savefig(p2, dpi=120)
-    plt.close(fig)
-    return [p1, p2]
+
+    def stacked(ax):
+        bottom = [0.0] * len(results)
+        for g in ("preprocess", "vision", "prefill", "decode_step"):
+            vals = [r["stages"].get(g, {}).get("p50_ms", 0.0) for r in results]
+            ax.bar(labels, vals, bottom=bottom, label=g)
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        ax.tick_params(axis="x", labelrotation=15)
+        ax.set_ylabel("p50 latency (ms)")
+
+    def throughput(ax):
+        for r, label in zip(results, labels, strict=True):
+            ctxs = sorted(int(c) for c in r["decode"])
+            ax.plot(ctxs, [r["decode"][str(c)]["tokens_per_s"] for c in ctxs], marker="o",
+                    label=label)  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("decode tokens/s")
+
+    figures = [
+        ("latency_per_stage.png", (8, 4.5), stacked,
+         "Latency per stage (vision = fused graph; one decode step)"),
+        ("decode_vs_context.png", (7, 4.5), throughput, "Decode throughput vs context"),
+    ]  # fmt: skip
+    paths = []
+    for name, size, draw, title in figures:
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax)
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(folder / name)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
 
 
 def compare(a_path: str | Path, b_path: str | Path) -> str:

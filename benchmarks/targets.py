@@ -35,17 +35,19 @@ class Target:
     end_to_end: object = None  # () -> generated token count
     weight_bytes: int = 0
     sizes: dict = field(default_factory=dict)
+    decoder_stage: str = "decoder"  # which decoder graph ran (decoder_gqa on ONNX Runtime)
 
 
 def runtime_target(artifacts: Path, backend: str, precision: str, image_path: Path, prompt: str,
-                   answer_tokens: int, threads: int | None) -> Target:  # fmt: skip
+                   answer_tokens: int, threads: int | None, decoder: str = "auto") -> Target:  # fmt: skip
     from runtime.generate import Decoder
     from runtime.pipeline import FilaPipeline
 
     opts = {"threads": threads} if threads and backend == "onnxruntime" else {}
-    fused = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision, **opts)
+    fused = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision,
+                                        decoder=decoder, **opts)  # fmt: skip
     modular = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision,
-                                          vision="modular", **opts)  # fmt: skip
+                                          vision="modular", decoder=decoder, **opts)  # fmt: skip
     cfg = fused.preprocess_config
     image = load_image(image_path)
     pre = preprocess(image, cfg)
@@ -90,11 +92,12 @@ def runtime_target(artifacts: Path, backend: str, precision: str, image_path: Pa
             fused.eos_ids = eos
 
     t.end_to_end = end_to_end
+    dec = t.decoder_stage = fused.decoder_stage
     t.weight_bytes = onnx_weight_bytes(
-        fused.manifest.stage_path("decoder", _variant(fused, "decoder", precision))
+        fused.manifest.stage_path(dec, _variant(fused, dec, precision))
     )
     t.sizes = {name: fused.manifest.stage_path(name, _variant(fused, name, precision)).stat().st_size
-               for name in ("vision", "embed", "decoder")}  # fmt: skip
+               for name in ("vision", "embed", dec)}  # fmt: skip
     engines = artifacts / "engines"
     if backend == "tensorrt" and engines.is_dir():
         t.sizes.update({p.name: p.stat().st_size for p in engines.glob("*.plan")})
@@ -175,7 +178,7 @@ def torch_target(checkpoint: Path, image_path: Path, prompt: str, answer_tokens:
     pre = preprocess(image, model.preprocess_config)
     pv = torch.from_numpy(pre.pixel_values)
     gv = torch.from_numpy(pre.global_view) if pre.global_view is not None else None
-    t = Target("torch", "fp32")
+    t = Target("torch", "fp32", decoder_stage="pytorch")
     nograd = torch.no_grad
 
     def wrap(fn):

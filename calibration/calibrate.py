@@ -31,6 +31,7 @@ from calibration.quantize import (
     StageQuantization,
     file_size,
     quantize_decoder,
+    quantize_decoder_int4_qdq,
     quantize_vision_stage,
     session,
 )
@@ -56,6 +57,9 @@ QUANT_SCHEME = {
            "activations": "fp32", "format": "com.microsoft MatMulNBits"},
     "w4": {"weights": "int4 block-wise symmetric (block 32), MatMulNBits",
            "activations": "fp32", "format": "com.microsoft MatMulNBits"},
+    "w4-qdq": {"weights": "int4 block-wise symmetric (block 32, scale > 0, zero point 0)",
+               "activations": "fp16 (W4A16; fp32 when the export has no fp16 decoder)", "format": "QDQ: DequantizeLinear(block_size) -> MatMul, "
+                                                 "opset 21 (TensorRT INT4 weight-only)"},
 }  # fmt: skip
 
 
@@ -142,28 +146,39 @@ def calibrate(artifacts: str | Path, images: str | Path, method: str = "minmax",
             say("modular int8 chain end to end")
             report.modular_chain = _chain_accuracy(chain, results, store, limit, threads)
         decoder_files = {}
+        llm = llm_stage(manifest)
         for precision in llm_list:
-            say(f"decoder {precision}")
-            path = work / f"decoder.{precision}.onnx"
-            quantize_decoder(manifest.stage_path("decoder"), path, precision,
+            say(f"{llm} {precision}")
+            path = work / f"{llm}.{precision}.onnx"
+            quantize_decoder(manifest.stage_path(llm), path, precision,
                              accuracy_level=llm_accuracy_level)  # fmt: skip
             decoder_files[precision] = path
+        trt_files = {}
+        if "w4" in llm_list and llm != "decoder":  # the portable graph: TensorRT's INT4 WoQ form
+            say("decoder w4 (Q/DQ for TensorRT)")
+            trt_files["w4"] = work / "decoder.w4.onnx"
+            # from the fp16 graph when there is one: TensorRT's int4 weight-only GEMMs are W4A16
+            base = "fp16" if "fp16" in manifest.stage("decoder")["variants"] else "fp32"
+            quantize_decoder_int4_qdq(manifest.stage_path("decoder", base), trt_files["w4"])
         if limit and (decoder_files or results.get("vision")):
             _end_to_end(manifest, split, store, results, decoder_files, report, tokens, limit,
-                        threads, say)  # fmt: skip
+                        threads, say, trt_files)  # fmt: skip
         for row in report.decoder:
-            entries[("decoder", row.precision)] = {
+            qdq = row.stage == "decoder" and row.stage != llm
+            scheme = QUANT_SCHEME["w4-qdq"] if qdq else (
+                QUANT_SCHEME[row.precision] | {"accuracy_level": llm_accuracy_level})  # fmt: skip
+            entries[(row.stage, row.precision)] = {
                 "precision": row.precision, "method": "rtn-block32-symmetric",
                 "calibration_set_sha256": None, "evaluation_set_sha256": eval_hash,
                 "excluded_layers": [], "accuracy": _accuracy(row.metrics),
                 "validated": row.validated,
-                "gate": {"rel_l2": DECODER_TOLERANCES[row.precision]},
-                "scheme": QUANT_SCHEME[row.precision] | {"accuracy_level": llm_accuracy_level},
+                "gate": {"rel_l2": DECODER_TOLERANCES[row.precision]}, "scheme": scheme,
             }  # fmt: skip
         if not report.decoder:  # no held-out run (no images to compare on): still record them
-            for precision in decoder_files:
-                entries[("decoder", precision)] = {"precision": precision, "validated": False,
-                                                    "method": "rtn-block32-symmetric"}  # fmt: skip
+            made = [(llm, p) for p in decoder_files] + [("decoder", p) for p in trt_files]
+            for stage, precision in made:
+                entries[(stage, precision)] = {"precision": precision, "validated": False,
+                                               "method": "rtn-block32-symmetric"}  # fmt: skip
         report.fp32_bytes = _pipeline_bytes(manifest, {})
         _commit(folder, work, entries)
     finally:
@@ -209,7 +224,10 @@ def _chain_accuracy(chain, results, store, limit, threads):
 
 
 def _end_to_end(manifest, split, store, results, decoder_files, report, tokens, limit, threads,
-                say) -> None:  # fmt: skip
+                say, trt_files=None) -> None:  # fmt: skip
+    """Greedy tokens and first logits of every variant against fp32 on held-out images.
+    ``trt_files``: Q/DQ weight-only variants of the portable decoder (made for TensorRT), run
+    here with ONNX Runtime to measure what they do to the numbers."""
     from runtime.image_io import load_image
     from runtime.pipeline import FilaPipeline, make_runner
     from runtime.preprocess import preprocess
@@ -222,18 +240,21 @@ def _end_to_end(manifest, split, store, results, decoder_files, report, tokens, 
     )
     if manifest.data.get("chat_template"):
         prompts.chat_template = manifest.data["chat_template"]
-    pipe = FilaPipeline(manifest, runners, prompts)
-    decoders = {
-        "fp32": make_runner("onnxruntime", manifest.stage_path("decoder"), "decoder", **opts)
-    }
+    llm = llm_stage(manifest)
+    pipe = FilaPipeline(manifest, runners, prompts, decoder_stage=llm)
+    decoders = {"fp32": make_runner("onnxruntime", manifest.stage_path(llm), llm, **opts)}
     for precision, path in decoder_files.items():
-        decoders[precision] = make_runner("onnxruntime", path, "decoder", **opts)
+        decoders[precision] = make_runner("onnxruntime", path, llm, **opts)
+    trt_files = trt_files or {}
+    for precision, path in trt_files.items():
+        decoders[f"trt-{precision}"] = make_runner("onnxruntime", path, "decoder", **opts)
     vision_int8 = session(results["vision"].file, threads) if "vision" in results else None
     configs = [("fp32", p) for p in decoder_files] + (
         [("int8", p) for p in ["fp32", *decoder_files]] if vision_int8 else []
     )
+    configs += [("fp32", f"trt-{p}") for p in trt_files]
     tokens_by: dict[tuple[str, str], list[list[int]]] = {("fp32", "fp32"): []}
-    logits_by: dict[str, list[np.ndarray]] = {"fp32": [], **{p: [] for p in decoder_files}}
+    logits_by: dict[str, list[np.ndarray]] = {d: [] for _, d in [("fp32", "fp32"), *configs]}
     for c in configs:
         tokens_by[c] = []
     for index in range(limit):
@@ -250,23 +271,28 @@ def _end_to_end(manifest, split, store, results, decoder_files, report, tokens, 
             tokens_by[(v, d)].append(toks)
             if v == "fp32":
                 logits_by[d].append(first)
-    for precision, path in decoder_files.items():
-        m = decoder_accuracy(logits_by["fp32"], logits_by[precision])
+    variants = [(llm, p, p, path) for p, path in decoder_files.items()]
+    variants += [("decoder", p, f"trt-{p}", path) for p, path in trt_files.items()]
+    for stage, precision, key, path in variants:
+        m = decoder_accuracy(logits_by["fp32"], logits_by[key])
         tol = DECODER_TOLERANCES[precision]
         ok = m.rel_l2 <= tol
-        msg = "" if ok else (f"decoder {precision}: logits rel L2 {m.rel_l2:.3f} > {tol} (cosine "
+        msg = "" if ok else (f"{stage} {precision}: logits rel L2 {m.rel_l2:.3f} > {tol} (cosine "
                              f"{m.cosine:.5f}); written with validated: false")  # fmt: skip
         if msg:
             report.messages.append(msg)
         report.decoder.append(StageRow(
-            "decoder", precision, path.name, file_size(path),
-            file_size(manifest.stage_path("decoder")), m, ok, f"rel L2 <= {tol}", message=msg,
+            stage, precision, path.name, file_size(path),
+            file_size(manifest.stage_path(stage)), m, ok, f"rel L2 <= {tol}", message=msg,
         ))  # fmt: skip
     reference = tokens_by[("fp32", "fp32")]
-    files = {"vision": results["vision"].file if "vision" in results else None, **decoder_files}
+    files = {"vision": results["vision"].file if "vision" in results else None, **decoder_files,
+             **{f"trt-{p}": path for p, path in trt_files.items()}}  # fmt: skip
     for v, d in configs:
         spec = ",".join(x for x in (f"vision={v}" if v != "fp32" else "",
                                     f"decoder={d}" if d != "fp32" else "") if x)  # fmt: skip
+        if d.startswith("trt-"):
+            spec = f"decoder={d[4:]} (TensorRT Q/DQ graph, run on ONNX Runtime)"
         report.end_to_end.append(AgreementRow(
             spec, limit, tokens, **agreement(reference, tokens_by[(v, d)], tokens),
             bytes=_pipeline_bytes(manifest, {"vision": files["vision"] if v == "int8" else None,
@@ -275,13 +301,23 @@ def _end_to_end(manifest, split, store, results, decoder_files, report, tokens, 
 
 
 def _pipeline_bytes(manifest: Manifest, replaced: dict[str, Path | None]) -> int:
-    """Bytes of the graphs a fused pipeline loads (vision, embed, decoder), some replaced."""
+    """Bytes of the graphs an ONNX Runtime fused pipeline loads (vision, embed, its decoder),
+    some replaced (``replaced["decoder"]`` stands for the decoder stage it runs)."""
     total = 0
     for stage in ("vision", "embed", "decoder"):
-        if stage in manifest.stages:
-            path = replaced.get(stage) or manifest.stage_path(stage)
+        name = llm_stage(manifest) if stage == "decoder" else stage
+        if name in manifest.stages:
+            path = replaced.get(stage) or manifest.stage_path(name)
             total += file_size(path)
     return total
+
+
+def llm_stage(manifest: Manifest) -> str:
+    """The decoder the weight-only variants are made for: the one ONNX Runtime runs
+    (``decoder_gqa`` when exported), since MatMulNBits runs on ONNX Runtime only."""
+    from runtime.pipeline import choose_decoder
+
+    return choose_decoder(manifest, "onnxruntime")
 
 
 def _commit(folder: Path, work: Path, entries: dict[tuple[str, str], dict]) -> None:

@@ -72,6 +72,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from fila_export.validate import validate, write_json
 
+    if args.questions:
+        return _validate_answers(args)
     report = validate(args.artifacts, args.checkpoint, args.images, backend=args.backend,
                       precision=args.precision, tokens=args.tokens,
                       max_images=args.max_images)  # fmt: skip
@@ -79,6 +81,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         write_json(report, args.json)
     return 0 if report.passed else 1
+
+
+def _validate_answers(args: argparse.Namespace) -> int:
+    """``fila validate --questions``: exact-match answer accuracy, PyTorch vs the export."""
+    from fila_export.validate import accuracy_markdown, answer_accuracy
+
+    precisions = [p for p in (args.precisions or args.precision).split(",") if p]
+    report = answer_accuracy(args.questions, args.checkpoint, args.artifacts, precisions,
+                             backend=args.backend, max_new_tokens=args.tokens,
+                             limit=args.limit)  # fmt: skip
+    print(accuracy_markdown(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0 if report["passed"] else 1
 
 
 def cmd_check_trt(args: argparse.Namespace) -> int:
@@ -93,6 +109,8 @@ def cmd_check_trt(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(report.to_dict(), f, indent=2)
     kinds = ", ".join(dict.fromkeys(p for _, p in report.graphs))
+    if report.skipped:
+        print(f"not checked (ONNX Runtime only): {', '.join(report.skipped)}")
     if report:
         bad = len({(f.stage, f.precision) for f in report})
         print(f"{len(report)} finding(s) in {bad} of {len(report.graphs)} graphs ({kinds}): "
@@ -141,7 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runtime.pipeline import FilaPipeline
 
     pipe = FilaPipeline.from_artifacts(args.artifacts, backend=args.backend,
-                                       precision=args.precision, **_runner_options(args))  # fmt: skip
+                                       precision=args.precision, decoder=args.decoder,
+                                       **_runner_options(args))  # fmt: skip
     stream = None if args.quiet else (lambda piece: print(piece, end="", flush=True))
     result = pipe.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
                            raw_prompt=args.raw_prompt, stop=args.stop or (), on_text=stream,
@@ -161,7 +180,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from runtime.pipeline import FilaPipeline
 
     pipe = FilaPipeline.from_artifacts(args.artifacts, backend=args.backend,
-                                       precision=args.precision, **_runner_options(args))  # fmt: skip
+                                       precision=args.precision, decoder=args.decoder,
+                                       **_runner_options(args))  # fmt: skip
     history: list[tuple[str, str]] = []
     print("fila chat: type a question, an empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -220,7 +240,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = bench.run_bench(args.artifacts, args.checkpoint, split(args.backends), split(args.precisions),
                           images=args.images, contexts=[int(c) for c in split(args.contexts)],
                           warmup=args.warmup, runs=args.runs, decode_steps=args.decode_steps,
-                          answer_tokens=args.answer_tokens, threads=args.threads)  # fmt: skip
+                          answer_tokens=args.answer_tokens, threads=args.threads,
+                          decoders=split(args.decoders))  # fmt: skip
     out["command"] = "fila " + " ".join(sys.argv[1:])
     paths = bench.save(out, args.out)
     print(report.markdown(out))
@@ -255,6 +276,9 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
                         "takes the first it has) or per stage (vision=int8,decoder=w4)")  # fmt: skip
     p.add_argument("--providers", help="onnxruntime providers, e.g. cuda,cpu (default: cpu)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--decoder", choices=["auto", "gqa", "portable"], default="auto",
+                   help="decoder graph: gqa (onnxruntime's in-place GroupQueryAttention), portable "
+                        "(standard ONNX, what TensorRT builds); auto: gqa on onnxruntime")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime")
+    p.add_argument("--decoders", default="auto", help="onnxruntime decoder graph(s): auto, gqa, "
+                   "portable, or gqa,portable for one column each")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results/latest")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
     p.set_defaults(func=cmd_bench)
@@ -331,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens compared per image")
     p.add_argument("--max-images", type=int, default=3)
     p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--questions", help="JSONL of {image, question, answer}: score exact-match "
+                   "answers of PyTorch fp32 and the export instead of stage parity")  # fmt: skip
+    p.add_argument("--precisions", help="with --questions: e.g. fp32,fp16,int8,w8,w4")
+    p.add_argument("--limit", type=int, help="with --questions: only the first N questions")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("calibrate", help="INT8 vision and weight-only INT8/INT4 decoder variants")

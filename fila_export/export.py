@@ -22,6 +22,7 @@ from fila_export import onnx_utils
 from fila_export.checkpoint import load_checkpoint
 from fila_export.config import preprocess_config
 from fila_export.errors_io import OutputError, ensure_new_folder
+from fila_export.gqa_decoder import onnx_translation
 from fila_export.stages import (
     StageSpec,
     dynamic_shapes,
@@ -57,6 +58,7 @@ def export_stage(model, spec: StageSpec, path: Path, slim: bool = True) -> list[
         program = torch.onnx.export(
             wrapper, inputs, dynamo=True, dynamic_shapes=dynamic_shapes(spec),
             input_names=names_in, output_names=names_out, opset_version=OPSET, verbose=False,
+            custom_translation_table=onnx_translation(),
         )  # fmt: skip
     model_proto = program.model_proto
     axes = {t.name: list(t.shape) for t in [*spec.inputs, *spec.outputs]}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fila_export.config import FilaConfig, preprocess_config
+from fila_export.gqa_decoder import GqaDecoderStage, unsupported_reason
 from fila_export.model import vision
 from runtime.profiles import resolve
 
@@ -46,6 +47,7 @@ class StageSpec:
     axes: dict[str, AxisRange]
     build: Callable[[nn.Module], nn.Module] = field(repr=False)
     doc: str = ""
+    backends: tuple[str, ...] = ("onnxruntime", "tensorrt")  # which runtimes can run the graph
 
     def to_dict(self) -> dict:
         return {
@@ -53,6 +55,7 @@ class StageSpec:
             "outputs": [asdict(t) | {"shape": list(t.shape)} for t in self.outputs],
             "axes": {k: asdict(v) for k, v in self.axes.items()},
             "doc": self.doc,
+            "backends": list(self.backends),
         }
 
 
@@ -244,13 +247,43 @@ def stage_specs(
         [TensorSpec("logits", "float32", ("batch", config.vocab_size)), *present],
         decoder_axes(config, max_context, max_batch), DecoderStage, DecoderStage.__doc__.split("\n")[0],
     )  # fmt: skip
+    if unsupported_reason(config.text) is None:
+        specs["decoder_gqa"] = gqa_decoder_spec(config, max_context)
     return specs
+
+
+def gqa_decoder_spec(config: FilaConfig, max_context: int) -> StageSpec:
+    """The ONNX Runtime decoder (``fila_export.gqa_decoder``): one shared cache buffer per layer,
+    (1, kv_heads, total, head_dim), read and written in place; ``total`` is its length. Batch 1:
+    ORT's kernel takes multi-token steps after a prefix (chunked prefill) only for one row."""
+    kv_heads, head_dim = kv_shape(config)
+    layers = config.text["num_hidden_layers"]
+    cache = (1, kv_heads, "total", head_dim)
+    axes = decoder_axes(config, max_context, 1)
+    del axes["past"], axes["batch"]
+    return StageSpec(
+        "decoder_gqa",
+        [TensorSpec("inputs_embeds", "float32", (1, "seq", config.text["hidden_size"])),
+         TensorSpec("position_ids", "int64", (1, "seq")),
+         TensorSpec("seqlens_k", "int32", (1,)),
+         TensorSpec("total_sequence_length", "int32", ()),
+         *[TensorSpec(f"past.{i}.{kv}", "float32", cache)
+           for i in range(layers) for kv in ("key", "value")]],
+        [TensorSpec("logits", "float32", (1, config.vocab_size)),
+         *[TensorSpec(f"present.{i}.{kv}", "float32", cache)
+           for i in range(layers) for kv in ("key", "value")]],
+        axes, GqaDecoderStage,
+        "decoder for ONNX Runtime: GroupQueryAttention on a shared in-place KV buffer",
+        backends=("onnxruntime",),
+    )  # fmt: skip
 
 
 def vision_chain(config: FilaConfig) -> list[str]:
     """The modular stages in execution order (what the fused ``vision`` graph computes)."""
     return [
-        s for s in stage_specs(config, max_context=8) if s not in ("vision", "embed", "decoder")
+        s
+        for s in stage_specs(config, max_context=8)
+        if s not in ("vision", "embed", "decoder", "decoder_gqa")
     ]
 
 
@@ -266,8 +299,12 @@ def sample_inputs(spec: StageSpec, values: dict[str, int], seed: int = 0) -> tup
         elif t.name == "attention_mask":
             out.append(torch.ones(shape, dtype=torch.int64))
         elif t.name == "position_ids":
-            past = values.get("past", 0)
+            past = values.get("past", values.get("total", shape[1]) - shape[1])
             out.append(torch.arange(past, past + shape[1]).repeat(shape[0], 1))
+        elif t.name == "seqlens_k":  # GQA: index of each row's last token
+            out.append(torch.full(shape, values["total"] - 1, dtype=torch.int32))
+        elif t.name == "total_sequence_length":
+            out.append(torch.tensor(values["total"], dtype=torch.int32))
         else:
             out.append(torch.randn(shape, generator=gen))
     return tuple(out)
@@ -279,9 +316,10 @@ def export_values(spec: StageSpec) -> dict[str, int]:
     if "rows" in values:
         values["rows"], values["cols"] = 2, 2
         values["tiles"] = 5
-    if "past" in values:
-        values["seq"], values["past"] = 3, 5
-        values["total"] = 8
+    if "seq" in values:  # a decoder: 5 cached positions + 3 new
+        values["seq"], values["total"] = 3, 8
+        if "past" in values:
+            values["past"] = 5
     return values
 
 
@@ -311,6 +349,7 @@ def dynamic_shapes(spec: StageSpec) -> tuple:
         return shape
 
     shapes = [one(t) for t in spec.inputs]
-    if spec.name == "decoder":
-        return (*shapes[:3], tuple(shapes[3:]))
+    fixed = sum(1 for t in spec.inputs if not t.name.startswith("past."))
+    if fixed < len(shapes):  # a decoder's ``*past`` is one argument of the wrapper
+        return (*shapes[:fixed], tuple(shapes[fixed:]))
     return tuple(shapes)

@@ -85,6 +85,7 @@ class TrtReport(list):
     def __init__(self, findings=(), graphs=None, table=None):
         super().__init__(findings)
         self.graphs: list[tuple[str, str]] = graphs or []
+        self.skipped: list[str] = []  # stages meant for another backend (decoder_gqa)
         self.table: dict = table or {}
 
     def to_dict(self) -> dict:
@@ -92,6 +93,7 @@ class TrtReport(list):
             "trt_version": self.table.get("tensorrt"),
             "table_source": self.table.get("source"),
             "graphs": [{"stage": s, "precision": p} for s, p in self.graphs],
+            "skipped_stages": self.skipped,
             "findings": [f.to_dict() for f in self],
             "passed": not self,
         }
@@ -271,13 +273,22 @@ class _Checker:
     # opset ----------------------------------------------------------------------------------
     def opset(self) -> None:
         rng = self.table.get("opset", {})
+        top = rng.get("max", 10**6)
+        if self._int4_weight_only():
+            top = max(top, rng.get("int4_weight_only_max", top))
         for imp in self.g.model.opset_import:
-            if imp.domain in ("", "ai.onnx") and not rng.get("min", 0) <= imp.version <= rng.get(
-                "max", 10**6
-            ):
+            if imp.domain in ("", "ai.onnx") and not rng.get("min", 0) <= imp.version <= top:
                 self.add("<model>", "opset",
                          f"the graph imports opset {imp.version}; the {self.trt()} ONNX parser "
                          f"supports opsets {rng['min']} to {rng['max']}")  # fmt: skip
+
+    def _int4_weight_only(self) -> bool:
+        """Block-quantized int4 DequantizeLinear feeding MatMul: the INT4 weight-only pattern."""
+        return any(
+            n.op_type == "DequantizeLinear"
+            and any(a.name == "block_size" and a.i > 0 for a in n.attribute)
+            for n in self.g.nodes
+        )
 
     # operators ------------------------------------------------------------------------------
     def operators(self) -> None:
@@ -628,6 +639,9 @@ def check_artifacts(
     wanted = [p for p in precisions or [] if p]
     report = TrtReport(table=table)
     for stage, entry in manifest.stages.items():
+        if "tensorrt" not in entry.get("backends", ["tensorrt"]):
+            report.skipped.append(stage)
+            continue
         for precision in entry["variants"]:
             if wanted and precision not in wanted:
                 continue

@@ -7,7 +7,9 @@ generation is compared token by token.
 
 from __future__ import annotations
 
+import gc
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,6 +128,7 @@ def stage_feeds(model, config, image, prompt_ids: list[int]) -> dict[str, dict[s
         feeds["embed"] = {"input_ids": ids}
         embeds = model.embed(ids, [feats])
     feeds["decoder"] = decoder_feeds(model, config, embeds)
+    feeds["decoder_gqa"] = gqa_decoder_feeds(feeds["decoder"])
     return feeds
 
 
@@ -148,6 +151,21 @@ def decoder_feeds(model, config, embeds: torch.Tensor) -> dict[str, torch.Tensor
     return feeds
 
 
+def gqa_decoder_feeds(portable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same decode step for ``decoder_gqa``: the prefix in a head-major buffer with room for
+    the new position (the graph writes it there)."""
+    total = portable["attention_mask"].shape[1]
+    feeds = {"inputs_embeds": portable["inputs_embeds"], "position_ids": portable["position_ids"],
+             "seqlens_k": torch.tensor([total - 1], dtype=torch.int32),
+             "total_sequence_length": torch.tensor(total, dtype=torch.int32)}  # fmt: skip
+    for name, past in portable.items():
+        if name.startswith("past."):
+            buffer = torch.zeros(past.shape[1], past.shape[2], total, past.shape[3])
+            buffer[:, :, : past.shape[0]] = past.permute(1, 2, 0, 3)
+            feeds[name] = buffer
+    return feeds
+
+
 def validate(artifacts: str | Path, checkpoint: str | Path, images: str | Path | None = None,
              backend: str = "onnxruntime", precision: str = "fp32", tokens: int = 32,
              max_images: int = 3) -> ValidationReport:  # fmt: skip
@@ -166,7 +184,9 @@ def validate(artifacts: str | Path, checkpoint: str | Path, images: str | Path |
         image = preprocess(load_image(path), model.preprocess_config)
         _, ids, _ = ref.prepare([path], PROMPT)
         for name, feeds in stage_feeds(model, config, image, ids).items():
-            if name not in manifest.stages:
+            if name not in manifest.stages or backend not in manifest.stage(name).get(
+                "backends", [backend]
+            ):
                 continue
             variant = precision if precision in manifest.stage(name)["variants"] else "fp32"
             key = (name, variant)
@@ -184,6 +204,8 @@ def validate(artifacts: str | Path, checkpoint: str | Path, images: str | Path |
         worst = max(results, key=lambda r: r[1])
         tol = TOLERANCES[variant]
         report.stages.append(StageResult(name, variant, *worst, tol, worst[1] <= tol))
+    runners.clear()  # the per-stage sessions go before the pipeline loads its own (peak memory)
+    gc.collect()
     pipe = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision)
     for path in paths:
         a = ref.generate([path], PROMPT, max_new_tokens=tokens).token_ids
@@ -202,3 +224,100 @@ def validate(artifacts: str | Path, checkpoint: str | Path, images: str | Path |
 
 def write_json(report: ValidationReport, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report.to_dict(), indent=2))
+
+
+# --- task accuracy: exact-match answers on a question set ----------------------------------
+
+
+def read_questions(path: str | Path) -> list[dict]:
+    """A JSONL question set (or the folder holding ``questions.jsonl``): one object per line with
+    ``image`` (relative to the file's folder, or absolute), ``question``, ``answer`` and an
+    optional ``boundary`` flag. Image paths come back absolute."""
+    from runtime.errors import FilaError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "questions.jsonl"
+    if not path.is_file():
+        raise FilaError(f"question set {path} does not exist")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        missing = {"image", "question", "answer"} - set(rec)
+        if missing:
+            raise FilaError(f"{path}:{n}: missing {', '.join(sorted(missing))}")
+        image = Path(rec["image"])
+        records.append({
+            "image": str(image if image.is_absolute() else path.parent / image),
+            "question": rec["question"],
+            "answer": str(rec["answer"]),
+            "boundary": bool(rec.get("boundary", False)),
+        })  # fmt: skip
+    return records
+
+
+def exact_match(records: list[dict], answers: list[str]) -> dict:
+    """Exact-match accuracy (answers stripped) overall and on the ``boundary`` subset."""
+    hits = [a.strip() == r["answer"].strip() for r, a in zip(records, answers, strict=True)]
+    on = [h for h, r in zip(hits, records, strict=True) if r["boundary"]]
+    return {
+        "n": len(hits),
+        "correct": sum(hits),
+        "accuracy": sum(hits) / len(hits) if hits else None,
+        "n_boundary": len(on),
+        "boundary_accuracy": sum(on) / len(on) if on else None,
+    }
+
+
+def answer_accuracy(questions: str | Path, checkpoint: str | Path,
+                    artifacts: str | Path | None = None, precisions: Sequence[str] = ("fp32",),
+                    backend: str = "onnxruntime", max_new_tokens: int = 16,
+                    limit: int | None = None) -> dict:  # fmt: skip
+    """Greedy answers of PyTorch fp32 and of the export at each precision, scored by exact match;
+    each export row also counts answers identical to PyTorch's (fp32 must match all)."""
+    from fila_export.reference import ReferencePipeline
+    from runtime.pipeline import FilaPipeline
+
+    records = read_questions(questions)[:limit]
+    ref = ReferencePipeline.from_checkpoint(checkpoint)
+    torch_answers = [
+        ref.generate([r["image"]], r["question"], max_new_tokens=max_new_tokens).text.strip()
+        for r in records
+    ]
+    rows = [{"backend": "torch", "precision": "fp32", **exact_match(records, torch_answers),
+             "same_as_torch": len(records)}]  # fmt: skip
+    answers = {"torch/fp32": torch_answers}
+    for precision in precisions if artifacts else ():
+        pipe = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision)
+        got = [
+            pipe.generate(r["image"], r["question"], max_new_tokens=max_new_tokens).text.strip()
+            for r in records
+        ]
+        same = sum(a == b for a, b in zip(got, torch_answers, strict=True))
+        rows.append({"backend": backend, "precision": precision, **exact_match(records, got),
+                     "same_as_torch": same})  # fmt: skip
+        answers[f"{backend}/{precision}"] = got
+    passed = all(r["same_as_torch"] == r["n"] for r in rows if r["precision"] == "fp32")
+    return {"questions": str(questions), "rows": rows, "passed": passed,
+            "records": records, "answers": answers}  # fmt: skip
+
+
+def accuracy_markdown(report: dict) -> str:
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    lines = [
+        f"# Answer accuracy (exact match) on {report['questions']}",
+        "",
+        "| backend | precision | exact match | boundary subset | same answer as PyTorch |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(f"| {r['backend']} | {r['precision']} | {pct(r['accuracy'])} "
+                     f"({r['correct']}/{r['n']}) | {pct(r['boundary_accuracy'])} "
+                     f"({r['n_boundary']}) | {r['same_as_torch']}/{r['n']} |")  # fmt: skip
+    verdict = "PASS" if report["passed"] else "FAIL (fp32 answers differ from PyTorch)"
+    lines += ["", f"**{verdict}**"]
+    return "\n".join(lines)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.kv_cache import KVCache
+from runtime.errors import FilaError
+from runtime.kv_cache import KVCache, SharedKVCache
 
 
 @dataclass
@@ -73,16 +74,21 @@ class Decoder:
     """The decoder stage with its preallocated KV cache, attention mask and positions.
 
     The cache is host memory written in place through IO binding (ONNX Runtime), or device memory
-    owned by a runner that has ``run_step`` (TensorRT); either way it is allocated once.
+    owned by a runner that has ``run_step`` (TensorRT); either way it is allocated once. A graph
+    that takes ``seqlens_k`` is ``decoder_gqa``: it gets a ``SharedKVCache`` bound as both its
+    past inputs and present outputs, and no attention mask (rows are unpadded).
     """
 
     def __init__(self, runner, num_layers: int, kv_heads: int, head_dim: int, vocab: int,
                  batch: int, max_len: int) -> None:  # fmt: skip
         self.runner = runner
         self.on_device = hasattr(runner, "run_step")
+        self.shared = "seqlens_k" in {meta.name for meta in getattr(runner, "inputs", ())}
         if self.on_device:
             runner.allocate_cache(num_layers, max_len, (batch, kv_heads, head_dim))
             self.cache = None
+        elif self.shared:
+            self.cache = SharedKVCache(num_layers, batch, kv_heads, head_dim, max_len)
         else:
             self.cache = KVCache(num_layers, batch, kv_heads, head_dim, max_len)
         self.length = 0
@@ -91,6 +97,8 @@ class Decoder:
         self.logits = np.zeros((batch, vocab), dtype=np.float32)
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if self.shared:
+            return self._run_shared(embeds, positions)
         seq = embeds.shape[1]
         total = self.length + seq
         feeds = {
@@ -114,8 +122,33 @@ class Decoder:
         self.length = total
         return self.logits
 
+    def _run_shared(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        seq = embeds.shape[1]
+        total = self.length + seq
+        self.cache.check_room(seq)
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
+            "position_ids": np.ascontiguousarray(positions),
+            "seqlens_k": np.full(embeds.shape[0], total - 1, dtype=np.int32),
+            "total_sequence_length": np.array(total, dtype=np.int32),
+            **self.cache.buffers("past"),
+        }
+        if hasattr(self.runner, "infer_into"):
+            self.runner.infer_into(feeds, {"logits": self.logits, **self.cache.buffers("present")})
+        else:
+            out = self.runner.infer(feeds)
+            for name, buffer in self.cache.buffers("present").items():
+                buffer[...] = out[name]
+            self.logits[...] = out["logits"]
+        self.cache.advance(seq)
+        self.length = total
+        return self.logits
+
     def prefill(self, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Run the prompt (left-padded rows allowed); returns next-token logits (B, V)."""
+        if self.shared and not np.all(attention_mask):
+            raise FilaError("the decoder_gqa graph takes unpadded rows; run padded batches "
+                            "with the portable decoder (from_artifacts(..., decoder='portable'))")  # fmt: skip
         if self.cache is not None:
             self.cache.reset()
         self.length = 0

@@ -77,7 +77,9 @@ def precision_chooser(spec: str, stages: Sequence[str] = ()) -> Callable[[str, S
                         f"{', '.join(PRECISION_GROUPS)} or one of {', '.join(stages)}")  # fmt: skip
 
     def choose(stage: str, variants: Sequence[str]) -> str:
-        group = stage if stage in ("embed", "decoder") else "vision"
+        group = (
+            "decoder" if stage.startswith("decoder") else stage if stage == "embed" else "vision"
+        )
         wanted = named.get(stage, named.get(group))
         if wanted is not None:
             if wanted in variants:
@@ -90,9 +92,27 @@ def precision_chooser(spec: str, stages: Sequence[str] = ()) -> Callable[[str, S
     return choose
 
 
+def choose_decoder(manifest: Manifest, backend: str, wanted: str = "auto") -> str:
+    """The decoder stage to run: ``decoder_gqa`` is ONNX Runtime only (a contrib op)."""
+    has_gqa = "decoder_gqa" in manifest.stages
+    if wanted == "auto":
+        return "decoder_gqa" if has_gqa and backend == "onnxruntime" else "decoder"
+    if wanted == "portable":
+        return "decoder"
+    if wanted == "gqa":
+        if backend != "onnxruntime":
+            raise FilaError("decoder 'gqa' runs on onnxruntime only; use decoder='portable'")
+        if not has_gqa:
+            raise ManifestError("this export has no decoder_gqa stage (its LLM type is not "
+                                "supported, or it predates it); use decoder='portable'")  # fmt: skip
+        return "decoder_gqa"
+    raise FilaError(f"decoder must be 'auto', 'gqa' or 'portable', got {wanted!r}")
+
+
 class FilaPipeline:
     def __init__(self, manifest: Manifest, runners: dict, prompts: PromptBuilder,
-                 backend: str = "onnxruntime", vision_mode: str = "fused") -> None:  # fmt: skip
+                 backend: str = "onnxruntime", vision_mode: str = "fused",
+                 decoder_stage: str = "decoder") -> None:  # fmt: skip
         self.manifest = manifest
         self.runners = runners
         self.prompts = prompts
@@ -109,16 +129,21 @@ class FilaPipeline:
         self.kv_heads = text.get("num_key_value_heads") or heads
         self.head_dim = text.get("head_dim") or text["hidden_size"] // heads
         self.vocab = text["vocab_size"]
-        self.max_context = manifest.stage("decoder")["axes"]["total"]["max"]
-        self.max_batch = manifest.stage("decoder")["axes"]["batch"]["max"]
+        self.decoder_stage = decoder_stage
+        axes = manifest.stage(decoder_stage)["axes"]
+        self.max_context = axes["total"]["max"]
+        self.max_batch = axes["batch"]["max"] if "batch" in axes else 1
 
     @classmethod
     def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime",
-                       precision: str = "fp32", vision: str = "fused",
+                       precision: str = "fp32", vision: str = "fused", decoder: str = "auto",
                        **options) -> FilaPipeline:  # fmt: skip
-        """Load (and hash-check) an export. ``vision``: ``fused`` graph or the ``modular`` chain."""
+        """Load (and hash-check) an export. ``vision``: ``fused`` graph or the ``modular`` chain.
+        ``decoder``: ``gqa`` (ONNX Runtime's in-place GroupQueryAttention graph), ``portable``
+        (standard ONNX, the TensorRT one), or ``auto``: gqa on onnxruntime when exported."""
         manifest = Manifest.load(folder)
-        names = ["embed", "decoder"]
+        decoder_stage = choose_decoder(manifest, backend, decoder)
+        names = ["embed", decoder_stage]
         if vision == "fused":
             names.append("vision")
         elif vision == "modular":
@@ -135,7 +160,7 @@ class FilaPipeline:
             if entry.get("validated") is False:
                 warnings.warn(f"stage {name} ({variant}) did not meet its accuracy gate",
                               stacklevel=2)  # fmt: skip
-            runners[name] = make_runner(
+            runners["decoder" if name == decoder_stage else name] = make_runner(
                 backend, manifest.stage_path(name, variant), name, **options
             )
         prompts = PromptBuilder.from_folder(
@@ -143,7 +168,7 @@ class FilaPipeline:
         )
         if manifest.data.get("chat_template"):
             prompts.chat_template = manifest.data["chat_template"]
-        return cls(manifest, runners, prompts, backend, vision)
+        return cls(manifest, runners, prompts, backend, vision, decoder_stage)
 
     # --- vision ---------------------------------------------------------------------------
     def run_vision(self, image: PreprocessedImage) -> np.ndarray:

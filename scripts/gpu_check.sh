@@ -41,10 +41,14 @@ if "$PY" -m fila_export.cli --help | grep -q calibrate; then
   step "$PY" -m fila_export.cli build --artifacts "$W/art" --precision int8 --timing-cache "$W/timing.cache"
   step "$PY" -m fila_export.cli validate --artifacts "$W/art" --checkpoint "$W/ckpt" --backend tensorrt \
     --precision int8 --json "$REPORT/validate-trt-int8.json"
+  # the portable decoder's int4 weight-only Q/DQ variant (W4A16): TensorRT's INT4 WoQ GEMMs
+  step "$PY" -m fila_export.cli build --artifacts "$W/art" --precision w4 --timing-cache "$W/timing.cache"
+  step "$PY" -m fila_export.cli validate --artifacts "$W/art" --checkpoint "$W/ckpt" --backend tensorrt \
+    --precision w4 --json "$REPORT/validate-trt-w4.json"
 fi
 if "$PY" -m fila_export.cli --help | grep -q " bench"; then
   step "$PY" -m fila_export.cli bench --artifacts "$W/art" --checkpoint "$W/ckpt" \
-    --backends torch,onnxruntime,tensorrt --precisions fp32,fp16 --out "$REPORT/bench"
+    --backends torch,onnxruntime,tensorrt --precisions fp32,fp16,w4 --out "$REPORT/bench"
 fi
 echo "report in $REPORT (status $status)"
 exit $status

@@ -225,13 +225,13 @@ def test_every_vision_stage_meets_the_gate_and_is_in_the_manifest(calibrated):
 def test_w4_decoder_is_smaller_and_runs_through_the_pipeline(calibrated):
     folder, report = calibrated
     manifest = Manifest.load(folder)
-    fp32 = (folder / "decoder.onnx").stat().st_size
-    w4 = (folder / manifest.variant("decoder", "w4")["file"]).stat().st_size
-    w8 = (folder / manifest.variant("decoder", "w8")["file"]).stat().st_size
+    fp32 = (folder / "decoder_gqa.onnx").stat().st_size
+    w4 = (folder / manifest.variant("decoder_gqa", "w4")["file"]).stat().st_size
+    w8 = (folder / manifest.variant("decoder_gqa", "w8")["file"]).stat().st_size
     assert w4 < w8 < fp32 and w4 * 3 < fp32
-    ops = {n.op_type for n in onnx.load(folder / "decoder.w4.onnx").graph.node}
+    ops = {n.op_type for n in onnx.load(folder / "decoder_gqa.w4.onnx").graph.node}
     assert "MatMulNBits" in ops
-    assert manifest.variant("decoder", "w4")["validated"] is True
+    assert manifest.variant("decoder_gqa", "w4")["validated"] is True
     ref = FilaPipeline.from_artifacts(folder).generate("examples/page.png", "Hi", max_new_tokens=4)
     for spec in ("int8,w4", "vision=int8,decoder=w4", "w4"):
         with warnings.catch_warnings(record=True) as caught:
@@ -243,11 +243,40 @@ def test_w4_decoder_is_smaller_and_runs_through_the_pipeline(calibrated):
     names = {n: r.session._model_path.rsplit("/", 1)[-1] for n, r in
              FilaPipeline.from_artifacts(folder, precision="vision=int8,decoder=w4",
                                          vision="modular").runners.items()}  # fmt: skip
-    assert names["decoder"] == "decoder.w4.onnx" and names["vit.2"] == "vit.2.int8.onnx"
+    assert names["decoder"] == "decoder_gqa.w4.onnx" and names["vit.2"] == "vit.2.int8.onnx"
     assert names["embed"] == "embed.onnx"
     rows = {r.config: r for r in report.end_to_end}
-    assert set(rows) >= {"decoder=w4", "vision=int8", "vision=int8,decoder=w4"}
+    trt_row = "decoder=w4 (TensorRT Q/DQ graph, run on ONNX Runtime)"
+    assert set(rows) >= {"decoder=w4", "vision=int8", "vision=int8,decoder=w4", trt_row}
     assert all(0 <= r.token_agreement <= 1 for r in rows.values())
+
+
+def test_w4_for_tensorrt_is_int4_qdq_that_passes_check_trt(calibrated):
+    """The portable decoder's w4: int4 blocks with positive scales behind DequantizeLinear."""
+    from onnx import numpy_helper
+
+    from fila_export.trt_check import check_artifacts
+
+    folder, report = calibrated
+    manifest = Manifest.load(folder)
+    entry = manifest.variant("decoder", "w4")
+    assert entry["scheme"]["format"].startswith("QDQ") and entry["validated"] is True
+    model = onnx.load(folder / entry["file"])
+    assert "MatMulNBits" not in {n.op_type for n in model.graph.node}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert dq and {n.output[0] for n in dq} <= {n.input[1] for n in matmuls}
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in dq:
+        assert inits[node.input[0]].data_type == onnx.TensorProto.INT4 and len(node.input) == 2
+        assert (numpy_helper.to_array(inits[node.input[1]]) > 0).all()
+        assert inits[node.input[1]].data_type == onnx.TensorProto.FLOAT16  # W4A16 from fp16
+    assert [f.line() for f in check_artifacts(folder, "10.3", precisions=["w4"])] == []
+    rows = {(r.stage, r.precision): r for r in report.decoder}
+    assert rows[("decoder", "w4")].validated
+    pipe = FilaPipeline.from_artifacts(folder, precision="w4", decoder="portable")
+    assert pipe.runners["decoder"].session._model_path.endswith("decoder.w4.onnx")
+    assert pipe.generate("examples/page.png", "Hi", max_new_tokens=4).token_ids
 
 
 def test_sensitivity_pass_keeps_the_worst_layers_in_fp32_until_the_gate_is_met(tiny_artifacts,

@@ -92,7 +92,7 @@ def test_32_greedy_tokens_for_each_crop_count(tiny_artifacts, tiny_checkpoint, s
 def test_left_padded_batch_of_two(tiny_artifacts, tiny_checkpoint):
     """Two prompts of different lengths in one left-padded batch give each prompt's own tokens."""
     model, config = load_checkpoint(tiny_checkpoint)
-    pipe = FilaPipeline.from_artifacts(tiny_artifacts)
+    pipe = FilaPipeline.from_artifacts(tiny_artifacts, decoder="portable")
     rows = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51, 52]]
     expected = []
     for ids in rows:

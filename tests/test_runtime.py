@@ -123,18 +123,23 @@ def test_image_sources_give_the_same_answer(pipe, tmp_path):
     assert len(answers) == 1
 
 
-def test_kv_cache_is_allocated_once(pipe):
+@pytest.mark.parametrize("kind", ["portable", "gqa"])
+def test_kv_cache_is_allocated_once(tiny_artifacts, kind):
     from runtime.generate import Decoder
 
+    pipe = FilaPipeline.from_artifacts(tiny_artifacts, decoder=kind)
     decoder = Decoder(pipe.runners["decoder"], pipe.num_layers, pipe.kv_heads, pipe.head_dim,
                       pipe.vocab, batch=1, max_len=40)  # fmt: skip
+    assert decoder.shared == (kind == "gqa")
     buffer = decoder.cache.buffer
     ids = np.array([[1, 20, 21, 22]], dtype=np.int64)
     decoder.prefill(pipe.embed(ids), np.ones_like(ids))
     for _ in range(5):
         decoder.decode_one_token(pipe.embed(np.array([[30]], dtype=np.int64)))
     assert decoder.cache.buffer is buffer and decoder.cache.length == 9
-    assert np.abs(buffer[:, :, :9]).sum() > 0 and np.abs(buffer[:, :, 9:]).sum() == 0
+    time_axis = buffer if kind == "portable" else np.moveaxis(buffer, 4, 2)
+    filled = np.abs(time_axis[:, :, :9]).reshape(-1, 9, *time_axis.shape[3:]).sum(axis=(0, 2, 3, 4))
+    assert np.all(filled > 0) and np.abs(time_axis[:, :, 9:]).sum() == 0
 
 
 def test_multiple_images_per_prompt(pipe, tiny_checkpoint):
