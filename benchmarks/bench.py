@@ -102,7 +102,7 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
         s["axes"]["total"]["max"] for n, s in manifest.stages.items() if n.startswith("decoder")
     )
     contexts = [c for c in contexts if c + decode_steps + warmup < max_ctx]
-    bw = measure_bandwidth()
+    bw = measure_bandwidth(threads=threads)
     bandwidth = bw["best"]
     out = {"machine": machine_info() | {"measured_bandwidth_gb_s": bandwidth / 1e9,
                                         "bandwidth_gb_s": {k: v / 1e9 for k, v in bw.items()}},

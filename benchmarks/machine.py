@@ -68,10 +68,13 @@ def machine_info() -> dict:
     return info
 
 
-def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> dict[str, float]:
+def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 5,
+                      threads: int | None = None) -> dict[str, float]:  # fmt: skip
     """Host memory bandwidth in bytes/s, two ways, best of ``repeats``: a large array copy
-    (read + write, one thread) and a BLAS matrix-vector product (read, all BLAS threads: the
-    access pattern of a decode step). ``best`` is the higher, so roofline ratios are conservative."""
+    (read + write, one thread) and a matrix-vector product in ONNX Runtime with the benchmark's
+    intra-op ``threads`` (read only: the access pattern and thread count of a decode step, so the
+    roofline compares like with like). ``best`` is the higher, so roofline ratios are
+    conservative."""
     src = np.ones(nbytes // 8, dtype=np.float64)
     dst = np.empty_like(src)
     copy = float("inf")
@@ -80,17 +83,38 @@ def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> dict[str, fl
         np.copyto(dst, src)
         copy = min(copy, time.perf_counter() - t0)
     del src, dst
-    cols = 4096
-    mat = np.ones((nbytes // 4 // cols, cols), dtype=np.float32)
-    vec = np.ones(cols, dtype=np.float32)
-    gemv = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mat @ vec
-        gemv = min(gemv, time.perf_counter() - t0)
-    out = {"copy": 2 * nbytes / copy, "gemv_read": mat.nbytes / gemv}
+    out = {"copy": 2 * nbytes / copy, "gemv_read": _gemv_read(nbytes, repeats, threads)}
     out["best"] = max(out.values())
     return out
+
+
+def _gemv_read(nbytes: int, repeats: int, threads: int | None) -> float:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows = 4096
+    weight = np.ones((rows, nbytes // 4 // rows), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])],
+        [numpy_helper.from_array(weight, "w")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(
+        model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+    del model, graph
+    x = {"x": np.ones((1, rows), dtype=np.float32)}
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        t0 = time.perf_counter()
+        session.run(None, x)
+        best = min(best, time.perf_counter() - t0)
+    return weight.nbytes / best
 
 
 def peak_rss_bytes() -> int:

@@ -259,8 +259,9 @@ def torch_target(checkpoint: Path, image_path: Path, prompt: str, answer_tokens:
         with nograd():
             _, ids2, feats2 = ref.prepare([image_path], prompt)
             out = model.generate(
-                torch.tensor([ids2]), feats2, max_new_tokens=answer_tokens, eos_token_id=None
-            )
+                torch.tensor([ids2]), feats2, max_new_tokens=answer_tokens,
+                min_new_tokens=answer_tokens,
+            )  # fmt: skip
         return out.shape[1]
 
     t.end_to_end = end_to_end

@@ -78,9 +78,11 @@ def calibrate(artifacts: str | Path, images: str | Path, method: str = "minmax",
               stages: Sequence[str] | None = None, prompts: str | Path | None = None,
               tokens: int = 16, e2e_images: int = 3, rank_images: int = 1,
               llm_accuracy_level: int = 4, threads: int | None = None,
+              questions: str | Path | None = None,
               log: Callable[[str], None] | None = None) -> CalibrationReport:  # fmt: skip
     """Quantize the vision stages (int8) and the decoder (w8/w4) of an export; returns the report
-    (also written as calibration_report.md/.json into the export)."""
+    (also written as calibration_report.md/.json into the export). ``questions`` (a JSONL of
+    image, question, answer) adds exact-match task accuracy of fp32 and every variant mix."""
     say = log or (lambda msg: None)
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -183,6 +185,8 @@ def calibrate(artifacts: str | Path, images: str | Path, method: str = "minmax",
         _commit(folder, work, entries)
     finally:
         store.close()
+    if questions:
+        _task_accuracy(folder, questions, report, tokens, threads, say)
     report.seconds = time.perf_counter() - t0
     report.save(folder)
     return report
@@ -298,6 +302,34 @@ def _end_to_end(manifest, split, store, results, decoder_files, report, tokens, 
             bytes=_pipeline_bytes(manifest, {"vision": files["vision"] if v == "int8" else None,
                                              "decoder": files.get(d) if d != "fp32" else None}),
         ))  # fmt: skip
+
+
+def _task_accuracy(folder: Path, questions, report: CalibrationReport, tokens: int, threads,
+                   say) -> None:  # fmt: skip
+    """Answers of the fp32 export and of each variant mix in the report, scored by exact match."""
+    import warnings
+
+    from runtime.answers import exact_match, pipeline_answers, read_questions
+    from runtime.pipeline import FilaPipeline
+
+    records = read_questions(questions)
+    report.questions = str(questions)
+    opts = {"threads": threads} if threads else {}
+    configs = [("fp32", "fp32", "auto")]
+    for row in report.end_to_end:
+        portable = row.config.endswith("(TensorRT Q/DQ graph, run on ONNX Runtime)")
+        configs.append((row.config, row.config.split(" ")[0], "portable" if portable else "auto"))
+    reference = None
+    for label, spec, decoder in configs:
+        say(f"task accuracy: {label} on {len(records)} question(s)")
+        with warnings.catch_warnings():  # a variant below its gate is scored all the same
+            warnings.simplefilter("ignore")
+            pipe = FilaPipeline.from_artifacts(folder, precision=spec, decoder=decoder, **opts)
+        answers = pipeline_answers(pipe, records, tokens)
+        reference = reference or answers
+        same = sum(a == b for a, b in zip(answers, reference, strict=True))
+        report.answers.append({"config": label, **exact_match(records, answers),
+                               "same_as_fp32": same})  # fmt: skip
 
 
 def _pipeline_bytes(manifest: Manifest, replaced: dict[str, Path | None]) -> int:

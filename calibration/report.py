@@ -77,6 +77,8 @@ class CalibrationReport:
     fp32_bytes: int = 0
     seconds: float = 0.0
     messages: list[str] = field(default_factory=list)
+    answers: list[dict] = field(default_factory=list)  # task accuracy per precision (--questions)
+    questions: str | None = None
 
     @property
     def validated(self) -> bool:
@@ -92,6 +94,7 @@ class CalibrationReport:
             "end_to_end": [r.to_dict() for r in self.end_to_end],
             "fp32_bytes": self.fp32_bytes, "seconds": round(self.seconds, 1),
             "validated": self.validated, "messages": self.messages,
+            "questions": self.questions, "answer_accuracy": self.answers,
         }  # fmt: skip
 
     def markdown(self) -> str:
@@ -140,6 +143,16 @@ class CalibrationReport:
                 lines.append(f"| {r.config} | {r.token_agreement:.3f} | {r.exact_match_rate:.3f} "
                              f"| {r.mean_first_divergence:.1f} | {r.bytes / 1e6:.1f} "
                              f"({self.fp32_bytes / max(r.bytes, 1):.2f}x smaller) |")  # fmt: skip
+        if self.answers:
+            lines += ["", f"## Task accuracy (exact match) on `{self.questions}`", "",
+                      "| precision | exact match | boundary subset | same answer as fp32 |",
+                      "|---|---|---|---|"]  # fmt: skip
+            for r in self.answers:
+                boundary = (
+                    "-" if r["boundary_accuracy"] is None else f"{r['boundary_accuracy']:.1%}"
+                )
+                lines.append(f"| {r['config']} | {r['accuracy']:.1%} ({r['correct']}/{r['n']}) | "
+                             f"{boundary} ({r['n_boundary']}) | {r['same_as_fp32']}/{r['n']} |")  # fmt: skip
         if self.messages:
             lines += ["", *[f"**{m}**" for m in self.messages]]
         lines += ["", f"**{'PASS' if self.validated else 'FAIL'}** ({self.seconds:.0f} s)"]

@@ -90,7 +90,8 @@ def _validate_answers(args: argparse.Namespace) -> int:
     precisions = [p for p in (args.precisions or args.precision).split(",") if p]
     report = answer_accuracy(args.questions, args.checkpoint, args.artifacts, precisions,
                              backend=args.backend, max_new_tokens=args.tokens,
-                             limit=args.limit)  # fmt: skip
+                             limit=args.limit,
+                             **({"threads": args.threads} if args.threads else {}))  # fmt: skip
     print(accuracy_markdown(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -139,7 +140,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                            max_excluded=args.max_excluded, stages=stages, prompts=args.prompts,
                            tokens=args.tokens, e2e_images=args.e2e_images,
                            llm_accuracy_level=args.llm_accuracy_level, threads=args.threads,
-                           log=None if args.quiet else log)  # fmt: skip
+                           questions=args.questions, log=None if args.quiet else log)  # fmt: skip
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(report.markdown())
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "answers of PyTorch fp32 and the export instead of stage parity")  # fmt: skip
     p.add_argument("--precisions", help="with --questions: e.g. fp32,fp16,int8,w8,w4")
     p.add_argument("--limit", type=int, help="with --questions: only the first N questions")
+    p.add_argument("--threads", type=int, help="with --questions: onnxruntime intra-op threads")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("calibrate", help="INT8 vision and weight-only INT8/INT4 decoder variants")
@@ -381,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", help="only these vision stages (default: all)")
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens compared per image")
     p.add_argument("--e2e-images", type=int, default=3, help="held-out images for greedy agreement")
+    p.add_argument("--questions", help="JSONL of {image, question, answer}: also score exact-match "
+                   "task accuracy of fp32 and every variant")  # fmt: skip
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -18,6 +18,7 @@ import torch
 
 from fila_export.checkpoint import load_checkpoint
 from fila_export.stages import stage_specs
+from runtime.answers import exact_match, pipeline_answers, read_questions
 from runtime.image_io import load_image
 from runtime.manifest import Manifest
 from runtime.preprocess import preprocess
@@ -229,54 +230,13 @@ def write_json(report: ValidationReport, path: str | Path) -> None:
 # --- task accuracy: exact-match answers on a question set ----------------------------------
 
 
-def read_questions(path: str | Path) -> list[dict]:
-    """A JSONL question set (or the folder holding ``questions.jsonl``): one object per line with
-    ``image`` (relative to the file's folder, or absolute), ``question``, ``answer`` and an
-    optional ``boundary`` flag. Image paths come back absolute."""
-    from runtime.errors import FilaError
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "questions.jsonl"
-    if not path.is_file():
-        raise FilaError(f"question set {path} does not exist")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        missing = {"image", "question", "answer"} - set(rec)
-        if missing:
-            raise FilaError(f"{path}:{n}: missing {', '.join(sorted(missing))}")
-        image = Path(rec["image"])
-        records.append({
-            "image": str(image if image.is_absolute() else path.parent / image),
-            "question": rec["question"],
-            "answer": str(rec["answer"]),
-            "boundary": bool(rec.get("boundary", False)),
-        })  # fmt: skip
-    return records
-
-
-def exact_match(records: list[dict], answers: list[str]) -> dict:
-    """Exact-match accuracy (answers stripped) overall and on the ``boundary`` subset."""
-    hits = [a.strip() == r["answer"].strip() for r, a in zip(records, answers, strict=True)]
-    on = [h for h, r in zip(hits, records, strict=True) if r["boundary"]]
-    return {
-        "n": len(hits),
-        "correct": sum(hits),
-        "accuracy": sum(hits) / len(hits) if hits else None,
-        "n_boundary": len(on),
-        "boundary_accuracy": sum(on) / len(on) if on else None,
-    }
-
-
 def answer_accuracy(questions: str | Path, checkpoint: str | Path,
                     artifacts: str | Path | None = None, precisions: Sequence[str] = ("fp32",),
                     backend: str = "onnxruntime", max_new_tokens: int = 16,
-                    limit: int | None = None) -> dict:  # fmt: skip
+                    limit: int | None = None, **runner_options) -> dict:  # fmt: skip
     """Greedy answers of PyTorch fp32 and of the export at each precision, scored by exact match;
-    each export row also counts answers identical to PyTorch's (fp32 must match all)."""
+    each export row also counts answers identical to PyTorch's (fp32 must match all).
+    ``runner_options`` go to ``FilaPipeline.from_artifacts`` (e.g. ``threads``)."""
     from fila_export.reference import ReferencePipeline
     from runtime.pipeline import FilaPipeline
 
@@ -290,11 +250,9 @@ def answer_accuracy(questions: str | Path, checkpoint: str | Path,
              "same_as_torch": len(records)}]  # fmt: skip
     answers = {"torch/fp32": torch_answers}
     for precision in precisions if artifacts else ():
-        pipe = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision)
-        got = [
-            pipe.generate(r["image"], r["question"], max_new_tokens=max_new_tokens).text.strip()
-            for r in records
-        ]
+        pipe = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision,
+                                           **runner_options)  # fmt: skip
+        got = pipeline_answers(pipe, records, max_new_tokens)
         same = sum(a == b for a, b in zip(got, torch_answers, strict=True))
         rows.append({"backend": backend, "precision": precision, **exact_match(records, got),
                      "same_as_torch": same})  # fmt: skip

@@ -6,7 +6,11 @@ writes a checkpoint folder (``config.json``, ``model.safetensors``, tokenizer fi
 ``fila`` command loads, plus ``metrics.json``: held-out exact match overall and on the subset whose
 text straddles a tile boundary (scored after saving, through the PyTorch reference pipeline on the
 saved checkpoint), steps, wall time, seed and the command. ``--no-convnext`` trains the plain
-LLaVA-NeXT ablation (no ConvNeXt branch, no CVFM) with everything else equal.
+LLaVA-NeXT ablation (no ConvNeXt branch, no CVFM) with everything else equal. The shipped demo
+model (``fila_export/demo/checkpoint``, see its README.md) was made with
+
+    python scripts/train_demo_model.py --out fila_export/demo/checkpoint --force --minutes 28 \
+        --threads 1 --head-weight 2 --lr 2e-3 --eval-every 1000 --eval-samples 100 --no-progress
 """
 
 from __future__ import annotations
@@ -37,10 +41,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument(
         "--aux-share", type=float, default=0.5, help="chats that also ask the box colour"
+    )
+    p.add_argument(
+        "--head-weight",
+        type=float,
+        default=2.0,
+        help="weight of the auxiliary per-token reading head (training only; 0: none)",
     )
     p.add_argument(
         "--plain-start",
@@ -102,6 +112,7 @@ def main(argv=None) -> int:
         lr=args.lr,
         warmup=args.warmup,
         aux_share=args.aux_share,
+        head_weight=args.head_weight,
         plain_start=args.plain_start,
         plain_until=args.plain_until,
         seed=args.seed,
@@ -139,6 +150,7 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "aux_share": args.aux_share,
+        "head_weight": args.head_weight,
         "plain_start": args.plain_start,
         "final_train_loss": result["final_loss"],
         "wall_time_s": round(wall, 1),

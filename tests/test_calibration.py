@@ -3,6 +3,7 @@ and the calibration data handling (tiny preset, a few synthetic documents: secon
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -48,9 +49,25 @@ def docs(tmp_path_factory):
 def calibrated(tiny_artifacts, docs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cal") / "art"
     shutil.copytree(tiny_artifacts, folder)
+    from fila_export.demo import data
+
+    questions = data.write_question_set(list(data.generate(5, 3, boundary_share=0.5)),
+                                        tmp_path_factory.mktemp("questions"))  # fmt: skip
     report = calibrate(folder, docs, num_calib=4, num_eval=2, seed=0, llm="w8,w4", tokens=4,
-                       e2e_images=1, threads=1)  # fmt: skip
+                       e2e_images=1, threads=1, questions=questions)  # fmt: skip
     return folder, report
+
+
+def test_report_scores_task_accuracy_of_every_variant_mix(calibrated):
+    folder, report = calibrated
+    configs = [r["config"] for r in report.answers]
+    assert configs == ["fp32", *(r.config for r in report.end_to_end)]
+    for row in report.answers:
+        assert row["n"] == 3 and 0 <= row["correct"] <= 3 and row["n_boundary"] >= 1
+    assert report.answers[0]["same_as_fp32"] == 3
+    saved = json.loads((folder / "calibration_report.json").read_text())
+    assert saved["answer_accuracy"] == report.answers
+    assert "## Task accuracy (exact match)" in (folder / "calibration_report.md").read_text()
 
 
 def stage_data(manifest, docs, stages, seed=0):

@@ -217,6 +217,42 @@ def test_a_few_steps_lower_the_loss(convnext):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_reading_head_targets_mark_each_character():
+    cfg = demo_config()
+    n2 = cfg.tokens_per_side**2
+    for s in data.generate(4, 12, 0.5):
+        chars, places = T.char_targets(s, cfg)
+        rows, cols = s.meta["grid"]
+        assert chars.shape == places.shape == ((1 + rows * cols) * n2,)
+        assert (chars[:n2] == T.IGNORE).all()  # no labels on the base thumbnail
+        marked = np.flatnonzero(places > 0)
+        # One token per character centre (two centres rarely share a token: the later wins).
+        assert len(s.answer) - 1 <= len(marked) <= len(s.answer)
+        for k in marked:
+            assert T.CHARS[chars[k] - 1] == s.answer[places[k] - 1]
+        assert ((chars == 0) == (places == 0)).all() and (chars == 0).sum() > len(marked)
+
+
+def test_reading_head_loss_goes_down():
+    cfg = _shrunk(True)
+    model = FilaForConditionalGeneration(cfg)
+    init_demo_weights(model, 0)
+    head = T.ReadingHead(cfg.text["hidden_size"])
+    prompts = T.demo_prompts(cfg.vocab_size)
+    examples = [T.make_example(s, prompts, cfg) for s in data.generate(1, 4, 0.5)]
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3)
+    heads = []
+    for _ in range(12):
+        parts: dict = {}
+        loss = T.batch_loss(model, examples, head, 2.0, parts)
+        assert loss.item() == pytest.approx(parts["lm"] + 2.0 * parts["head"], rel=1e-4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        heads.append(parts["head"])
+    assert heads[-1] < 0.5 * heads[0], heads
+
+
 def test_schedule_warms_up_then_decays():
     s = T.TrainSettings(steps=100, lr=1e-3, warmup=10, min_lr_ratio=0.1)
     lrs = [T.lr_at(i, 100, s) for i in range(100)]
@@ -233,9 +269,11 @@ def test_training_script_end_to_end(tmp_path):
     out = tmp_path / "ckpt"
     argv = ["--out", str(out), "--steps", "3", "--threads", "1", "--batch-size", "4"]
     argv += ["--eval-every", "2", "--eval-samples", "2", "--heldout", "4", "--no-progress"]
+    argv += ["--head-weight", "2"]
     assert train_demo_model.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["n"] == 4 and metrics["seed"] == 0
+    assert metrics["head_weight"] == 2
     assert {"accuracy", "boundary_accuracy", "wall_time_s", "command"} <= set(metrics)
     from fila_export.checkpoint import load_checkpoint
     from runtime.prompt import PromptBuilder
@@ -246,3 +284,21 @@ def test_training_script_end_to_end(tmp_path):
     assert built.tokenizer.get_vocab_size() == cfg.vocab_size
     prompt = built.format(data.QUESTIONS["number"], num_images=1) + " 4821"
     assert built.encode(prompt) == T.demo_prompts(cfg.vocab_size).encode(prompt)
+
+
+def test_shipped_checkpoint_reads_the_bundled_examples():
+    """The demo model in the repository: small, documented, and it reads (issue 8)."""
+    from fila_export.reference import ReferencePipeline
+
+    folder = Path(__file__).resolve().parent.parent / "fila_export" / "demo" / "checkpoint"
+    files = {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= files
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 20 * 2**20
+    metrics = json.loads((folder / "metrics.json").read_text())
+    ablation = json.loads((folder / "ablation_metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.9 and metrics["n"] == data.HELDOUT_SIZE
+    assert metrics["boundary_accuracy"] > ablation["boundary_accuracy"]
+    pipe = ReferencePipeline.from_checkpoint(folder)
+    samples = data.read_question_set(folder.parent / "examples")
+    got = [pipe.generate([s.image], s.question, max_new_tokens=10).text.strip() for s in samples]
+    assert sum(g == s.answer for g, s in zip(got, samples, strict=True)) >= len(samples) - 1, got

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fila_export.demo import data
-from fila_export.validate import answer_accuracy, exact_match, read_questions
+from fila_export.validate import answer_accuracy
+from runtime.answers import exact_match, read_questions
 from tests.conftest import run_fila
 
 

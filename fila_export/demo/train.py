@@ -1,7 +1,11 @@
 """Training the demo FILA on the synthetic reading task (CPU, from scratch).
 
 Answer tokens (+ EOS) carry the loss; the vision part is batched by anyres canvas (same tile count,
-same ConvNeXt view size) and the LLM part by right padding. Evaluation goes through the model's own
+same ConvNeXt view size) and the LLM part by right padding. From scratch, that loss alone does not
+teach the stack to read (the model learns answer priors and ignores the image); a training-only
+:class:`ReadingHead` on the projected image tokens, supervised densely with which character's
+centre each ViT token holds and its place in the string (:func:`char_targets`), does: the vision
+side learns to read and the LLM learns to read its tokens out in order. Evaluation goes through the model's own
 inference path: ``encode_image`` + greedy ``generate``, one request at a time.
 """
 
@@ -39,6 +43,8 @@ class Example:
     image: PreprocessedImage
     ids: list[int]  # BOS + chat, image placeholder expanded
     labels: list[int]  # the token to predict at each position: answers + EOS, else IGNORE
+    chars: np.ndarray | None = None  # per ViT token: character class (see char_targets)
+    places: np.ndarray | None = None  # per ViT token: 1 + index of that character in the text
 
 
 def prompt_ids(prompts: PromptBuilder, question: str) -> list[int]:
@@ -87,7 +93,72 @@ def make_example(
     out_ids = expand_image_tokens(ids, image_token, [count])
     pos = ids.index(image_token)
     out_labels = labels[:pos] + [IGNORE] * count + labels[pos + 1 :]
-    return Example(image, out_ids, out_labels)
+    chars, places = char_targets(sample, model_config)
+    return Example(image, out_ids, out_labels, chars, places)
+
+
+# --- auxiliary reading head (training only) ---------------------------------------------------
+
+CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+MAX_CHARS = 6
+
+
+def char_targets(sample: data.Sample, model_config) -> tuple[np.ndarray, np.ndarray]:
+    """Dense labels for the auxiliary head, one per ViT token (base thumbnail first, then tiles
+    row-major, ``tokens_per_side**2`` each): class ``1 + CHARS.index(c)`` and place ``1 + i`` for
+    the token holding the centre of character ``i``; 0 / 0 for tokens off the text; IGNORE for the
+    thumbnail and for text tokens holding no character centre."""
+    meta = sample.meta
+    tile, n = model_config.tile_size, model_config.tokens_per_side
+    patch = tile // n
+    geo = data.canvas_geometry(tuple(meta["image_size"]), tile, model_config.image_grid_pinpoints)
+    rows, cols = geo["grid"]
+    (sy, sx), (py, px) = geo["scale"], geo["pad"]
+    chars = np.zeros((1 + rows * cols) * n * n, dtype=np.int64)
+    places = np.zeros_like(chars)
+    chars[: n * n] = IGNORE
+    places[: n * n] = IGNORE
+    text = meta["text"]
+    font = data.load_font(meta["font"], meta["font_size"])
+    x0, y0, x1, y1 = meta["text_bbox"]
+    origin = x0 - font.getbbox(text)[0]
+
+    def token(cy: float, cx: float) -> int:
+        r, i = divmod(int(cy // patch), n)
+        c, j = divmod(int(cx // patch), n)
+        return (1 + r * cols + c) * n * n + i * n + j
+
+    # Tokens the text box touches (canvas coordinates) hold no label unless a centre is theirs.
+    ty0, ty1 = y0 * sy + py, y1 * sy + py
+    tx0, tx1 = x0 * sx + px, x1 * sx + px
+    for gy in range(int(ty0 // patch), min(rows * n, int(math.ceil(ty1 / patch)))):
+        for gx in range(int(tx0 // patch), min(cols * n, int(math.ceil(tx1 / patch)))):
+            k = token(gy * patch, gx * patch)
+            chars[k] = places[k] = IGNORE
+    cy = 0.5 * (ty0 + ty1)
+    for i, ch in enumerate(text[:MAX_CHARS]):
+        cx = origin + 0.5 * (font.getlength(text[:i]) + font.getlength(text[: i + 1]))
+        k = token(min(cy, rows * tile - 1), min(cx * sx + px, cols * tile - 1))
+        chars[k], places[k] = 1 + CHARS.index(ch), 1 + i
+    return chars, places
+
+
+class ReadingHead(torch.nn.Module):
+    """Per-token character and place classifiers on the projected image features: a training
+    aid that teaches the vision side to read (not part of the model, never saved)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.chars = torch.nn.Linear(dim, 1 + len(CHARS))
+        self.places = torch.nn.Linear(dim, 1 + MAX_CHARS)
+
+    def loss(self, projected: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
+        chars = torch.from_numpy(np.concatenate([ex.chars for ex in examples]))
+        places = torch.from_numpy(np.concatenate([ex.places for ex in examples]))
+        ce = torch.nn.functional.cross_entropy
+        return ce(self.chars(projected), chars, ignore_index=IGNORE) + ce(
+            self.places(projected), places, ignore_index=IGNORE
+        )
 
 
 def training_turns(sample: data.Sample, rng, aux_share: float) -> list[tuple[str, str]]:
@@ -101,9 +172,13 @@ def training_turns(sample: data.Sample, rng, aux_share: float) -> list[tuple[str
 
 
 def encode_images(
-    model: FilaForConditionalGeneration, images: Sequence[PreprocessedImage]
+    model: FilaForConditionalGeneration,
+    images: Sequence[PreprocessedImage],
+    projected_out: list | None = None,
 ) -> list[ImageFeatures]:
-    """``encode_image`` for many images at once: one ViT/ConvNeXt call per canvas shape."""
+    """``encode_image`` for many images at once: one ViT/ConvNeXt call per canvas shape.
+    ``projected_out``, a list of ``len(images)`` Nones, receives each image's projected
+    features before packing (tiles x tokens, dim)."""
     cfg = model.config
     dtype = model.multi_modal_projector.linear_1.weight.dtype
     groups: dict[tuple[int, int], list[int]] = {}
@@ -129,6 +204,8 @@ def encode_images(
         projected = model.multi_modal_projector(feats)
         for i, p in zip(members, projected.split(tiles), strict=True):
             out[i] = ImageFeatures(model.pack(p, images[i]))
+            if projected_out is not None:
+                projected_out[i] = p.reshape(-1, p.shape[-1])
     return out  # type: ignore[return-value]
 
 
@@ -146,17 +223,33 @@ def collate(examples: Sequence[Example], pad_id: int = 0):
     return ids, mask, labels
 
 
-def batch_loss(model: FilaForConditionalGeneration, examples: Sequence[Example]) -> torch.Tensor:
+def batch_loss(
+    model: FilaForConditionalGeneration,
+    examples: Sequence[Example],
+    head: ReadingHead | None = None,
+    head_weight: float = 1.0,
+    parts: dict | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens (+ EOS), teacher-forced: ``labels[t]`` is the
-    token at ``t``, predicted from position ``t - 1``."""
+    token at ``t``, predicted from position ``t - 1``; plus ``head_weight`` x the reading head's
+    loss when a ``head`` is given (``parts`` receives both terms as floats)."""
     ids, mask, labels = collate(examples)
-    feats = encode_images(model, [ex.image for ex in examples])
+    projected: list = [None] * len(examples)
+    feats = encode_images(model, [ex.image for ex in examples], projected if head else None)
     logits = model(ids, feats, attention_mask=mask)
-    return torch.nn.functional.cross_entropy(
+    loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
         labels[:, 1:].reshape(-1),
         ignore_index=IGNORE,
     )
+    if parts is not None:
+        parts["lm"] = loss.item()
+    if head is not None and head_weight:
+        aux = head.loss(torch.cat(projected), examples)
+        if parts is not None:
+            parts["head"] = aux.item()
+        loss = loss + head_weight * aux
+    return loss
 
 
 @torch.no_grad()
@@ -230,6 +323,7 @@ class TrainSettings:
     seed: int = 0
     train_boundary_share: float = 0.25
     aux_share: float = 0.5  # share of training chats that also ask the box colour
+    head_weight: float = 0.0  # weight of the auxiliary reading head's loss (0: no head)
     plain_start: float = 0.0  # share of plain (black-on-white) training images at step 0 ...
     plain_until: float = 0.5  # ... falling linearly to 0 at this fraction of the steps
     eval_every: int = 200
@@ -256,8 +350,12 @@ def train(
     from tqdm import tqdm
 
     torch.manual_seed(s.seed)
+    head = ReadingHead(model.config.text["hidden_size"]) if s.head_weight else None
+    named = list(model.named_parameters())
+    if head is not None:
+        named += [(f"reading_head.{n}", p) for n, p in head.named_parameters()]
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in named:
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
     opt = torch.optim.AdamW(
         [
@@ -280,7 +378,7 @@ def train(
         raise ValueError("give steps or minutes")
     planned = total or 10**9
     bar = tqdm(total=total, disable=not s.progress, dynamic_ncols=True, mininterval=2)
-    step, ema, eval_time, calib_from, calib_at = 0, None, 0.0, None, 25
+    step, ema, head_ema, eval_time, calib_from, calib_at = 0, None, 0.0, 0.0, None, 25
     while step < planned:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, planned, s)
@@ -294,16 +392,22 @@ def train(
             index += 1
             turns = training_turns(sample, rng, s.aux_share)
             batch.append(make_example(sample, prompts, model.config, turns))
-        loss = batch_loss(model, batch)
+        parts: dict[str, float] = {}
+        loss = batch_loss(model, batch, head, s.head_weight, parts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], s.grad_clip)
         opt.step()
         step += 1
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        ema = parts["lm"] if ema is None else 0.95 * ema + 0.05 * parts["lm"]
+        head_ema = (
+            parts.get("head", 0.0) if step == 0 else 0.95 * head_ema + 0.05 * parts.get("head", 0.0)
+        )
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+        bar.set_postfix(
+            loss=f"{ema:.3f}", head=f"{head_ema:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}"
+        )
         if step == 5:
             calib_from = time.perf_counter()
         if total is None and step == calib_at:
@@ -331,12 +435,13 @@ def train(
             rec = {
                 "step": step,
                 "loss": round(ema, 4),
+                "head_loss": round(head_ema, 4),
                 "wall_s": round(time.perf_counter() - t0, 1),
                 **{k: v for k, v in res.items() if k != "predictions"},
             }
             s.history.append(rec)
             s.log(
-                f"step {step}: loss {ema:.3f}, held-out[{len(periodic)}] exact match "
+                f"step {step}: loss {ema:.3f} (head {head_ema:.3f}), held-out[{len(periodic)}] exact match "
                 f"{res['accuracy']:.1%} (boundary {res['boundary_accuracy']:.1%}), "
                 f"{rec['wall_s']:.0f} s"
             )

@@ -144,6 +144,7 @@ class FilaForConditionalGeneration(nn.Module):
         images: Sequence[ImageFeatures] = (),
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 32,
+        min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -153,7 +154,8 @@ class FilaForConditionalGeneration(nn.Module):
         pad_token_id: int | None = None,
         seed: int | None = None,
     ) -> torch.Tensor:
-        """New token ids (B, <= max_new_tokens): transformers' KV-cached generate on the LLM."""
+        """New token ids (B, <= max_new_tokens): transformers' KV-cached generate on the LLM.
+        ``min_new_tokens`` holds EOS back (benchmarks time a fixed answer length)."""
         from transformers import GenerationConfig
 
         if seed is not None:
@@ -163,6 +165,7 @@ class FilaForConditionalGeneration(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         gen = GenerationConfig(
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens or None,
             do_sample=do_sample,
             temperature=temperature if do_sample else None,
             top_k=top_k if do_sample else None,
