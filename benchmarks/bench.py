@@ -20,7 +20,7 @@ from runtime.errors import FilaError
 
 
 def bench_target(target, warmup: int, runs: int, contexts: Sequence[int], decode_steps: int,
-                 bandwidth: float, kv_bytes_per_pos: int) -> dict:  # fmt: skip
+                 bandwidth: float, kv_bytes_per_pos: int, min_seconds: float = 0.0) -> dict:  # fmt: skip
     result = {"backend": target.backend, "precision": target.precision, "stages": {},
               "decoder_stage": target.decoder_stage}  # fmt: skip
     for group in STAGE_GROUPS:
@@ -32,7 +32,7 @@ def bench_target(target, warmup: int, runs: int, contexts: Sequence[int], decode
             for fn in fns:
                 fn()
 
-        result["stages"][group] = time_it(run_all, warmup, runs)
+        result["stages"][group] = time_it(run_all, warmup, runs, min_seconds)
     stages = result["stages"]
     result["ttft_ms"] = sum(
         stages[g]["p50_ms"] for g in ("preprocess", "vision", "prefill") if g in stages
@@ -89,9 +89,11 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
               precisions: Sequence[str], images: str | Path | None = None,
               contexts: Sequence[int] = (128, 512, 2048), warmup: int = 3, runs: int = 20,
               decode_steps: int = 32, answer_tokens: int = 32, threads: int | None = None,
-              prompt: str = "Describe the image.", decoders: Sequence[str] = ("auto",)) -> dict:  # fmt: skip
+              prompt: str = "Describe the image.", decoders: Sequence[str] = ("auto",),
+              min_seconds: float = 0.0) -> dict:  # fmt: skip
     """``decoders``: which decoder graphs the onnxruntime backend runs (``auto``, ``gqa``,
-    ``portable``; several give one column each)."""
+    ``portable``; several give one column each). ``min_seconds``: each stage is sampled at least
+    this long (more runs for short stages, for p50s that hold from run to run)."""
     from fila_export.validate import find_images
     from runtime.manifest import Manifest
 
@@ -108,7 +110,8 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
                                         "bandwidth_gb_s": {k: v / 1e9 for k, v in bw.items()}},
            "artifacts": str(artifacts), "image": str(image), "prompt": prompt,
            "settings": {"warmup": warmup, "runs": runs, "contexts": contexts, "decode_steps": decode_steps,
-                        "answer_tokens": answer_tokens, "threads": threads},
+                        "answer_tokens": answer_tokens, "threads": threads,
+                        "min_seconds": min_seconds},
            "model": {"preset_text": manifest.model["text"], "vision": manifest.model["vision"]},
            "results": []}  # fmt: skip
     kv_pos = kv_bytes_per_position(manifest.model)
@@ -125,7 +128,9 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
                 artifacts, backend, precision, image, prompt, answer_tokens, threads, decoder
             )
         out["results"].append(
-            bench_target(target, warmup, runs, contexts, decode_steps, bandwidth, kv_pos)
+            bench_target(
+                target, warmup, runs, contexts, decode_steps, bandwidth, kv_pos, min_seconds
+            )
         )
         del target
         gc.collect()

@@ -14,11 +14,15 @@ def summarize(seconds: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "runs": len(a)}  # fmt: skip
 
 
-def time_it(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, float]:
+def time_it(fn: Callable[[], object], warmup: int, runs: int,
+            min_seconds: float = 0.0) -> dict[str, float]:  # fmt: skip
+    """At least ``runs`` timed calls, and more until ``min_seconds`` have been sampled (at most
+    50 x ``runs``): a 25 ms stage then gets a p50 over seconds, not over half a second, so the
+    figure does not move with a moment's noise on a shared machine."""
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(runs):
+    samples: list[float] = []
+    while len(samples) < runs or (sum(samples) < min_seconds and len(samples) < 50 * runs):
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
