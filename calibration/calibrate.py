@@ -293,14 +293,16 @@ def _end_to_end(manifest, split, store, results, decoder_files, report, tokens, 
     files = {"vision": results["vision"].file if "vision" in results else None, **decoder_files,
              **{f"trt-{p}": path for p, path in trt_files.items()}}  # fmt: skip
     for v, d in configs:
+        portable = d.startswith("trt-")
+        precision = d[4:] if portable else d
         spec = ",".join(x for x in (f"vision={v}" if v != "fp32" else "",
-                                    f"decoder={d}" if d != "fp32" else "") if x)  # fmt: skip
-        if d.startswith("trt-"):
-            spec = f"decoder={d[4:]} (TensorRT Q/DQ graph, run on ONNX Runtime)"
+                                    f"decoder={precision}" if precision != "fp32" else "") if x)  # fmt: skip
+        label = f"{spec} (TensorRT Q/DQ graph, run on ONNX Runtime)" if portable else spec
         report.end_to_end.append(AgreementRow(
-            spec, limit, tokens, **agreement(reference, tokens_by[(v, d)], tokens),
+            label, limit, tokens, **agreement(reference, tokens_by[(v, d)], tokens),
             bytes=_pipeline_bytes(manifest, {"vision": files["vision"] if v == "int8" else None,
                                              "decoder": files.get(d) if d != "fp32" else None}),
+            precision=spec, decoder="portable" if portable else "auto",
         ))  # fmt: skip
 
 
@@ -316,9 +318,7 @@ def _task_accuracy(folder: Path, questions, report: CalibrationReport, tokens: i
     report.questions = str(questions)
     opts = {"threads": threads} if threads else {}
     configs = [("fp32", "fp32", "auto")]
-    for row in report.end_to_end:
-        portable = row.config.endswith("(TensorRT Q/DQ graph, run on ONNX Runtime)")
-        configs.append((row.config, row.config.split(" ")[0], "portable" if portable else "auto"))
+    configs += [(row.config, row.precision, row.decoder) for row in report.end_to_end]
     reference = None
     for label, spec, decoder in configs:
         say(f"task accuracy: {label} on {len(records)} question(s)")

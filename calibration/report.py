@@ -50,13 +50,15 @@ class StageRow:
 
 @dataclass
 class AgreementRow:
-    config: str  # a precision spec FilaPipeline.from_artifacts accepts
+    config: str  # the row's label (the precision spec, plus the graph when not the default)
     images: int
     tokens: int
     token_agreement: float
     exact_match_rate: float
     mean_first_divergence: float
     bytes: int
+    precision: str = ""  # the precision spec FilaPipeline.from_artifacts takes for this row
+    decoder: str = "auto"  # which decoder graph ("portable": the TensorRT Q/DQ variant)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,6 +43,17 @@ def make_checkpoint(folder: Path, preset_name: str = "tiny", seed: int = 0, **ov
     return save_checkpoint(model, folder)
 
 
+@pytest.fixture
+def torch_one_thread():
+    """Training/generation tests on one torch thread: steady timings on the 2-core CI machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A FILA (ConvNeXt + CVFM) tiny checkpoint."""

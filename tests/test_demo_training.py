@@ -18,13 +18,7 @@ from fila_export.demo.model import demo_config, init_demo_weights
 from fila_export.model import FilaForConditionalGeneration
 from runtime.preprocess import fitted_size, num_image_tokens, select_best_resolution
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _pixels(sample: data.Sample) -> np.ndarray:

@@ -5,20 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from fila_export.demo import data
 from fila_export.validate import answer_accuracy
 from runtime.answers import exact_match, read_questions
 from tests.conftest import run_fila
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
