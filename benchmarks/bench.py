@@ -9,39 +9,49 @@ from __future__ import annotations
 
 import gc
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.machine import TegraStats, machine_info, measure_bandwidth, peak_rss_bytes
-from benchmarks.stats import summarize, time_it
+from benchmarks.stats import sample, summarize
 from benchmarks.targets import STAGE_GROUPS, runtime_target, torch_target
 from runtime.errors import FilaError
 
 
 def bench_target(target, warmup: int, runs: int, contexts: Sequence[int], decode_steps: int,
-                 bandwidth: float, kv_bytes_per_pos: int, min_seconds: float = 0.0) -> dict:  # fmt: skip
+                 bandwidth: float, kv_bytes_per_pos: int, min_seconds: float = 0.0,
+                 rounds: int = 1) -> dict:  # fmt: skip
+    """Every figure of one target. The samples of each figure are taken in ``rounds`` passes over
+    all of them (stages, decode at each context, whole answers), so each p50 pools samples spread
+    over the target's whole measuring time: a shared machine's slow spell of some seconds then
+    moves every figure a little instead of one figure a lot, and two runs agree."""
     result = {"backend": target.backend, "precision": target.precision, "stages": {},
               "decoder_stage": target.decoder_stage}  # fmt: skip
-    for group in STAGE_GROUPS:
-        fns = target.stages.get(group)
-        if not fns:
-            continue
-
-        def run_all(fns=fns):
-            for fn in fns:
-                fn()
-
-        result["stages"][group] = time_it(run_all, warmup, runs, min_seconds)
+    groups = {g: target.stages[g] for g in STAGE_GROUPS if target.stages.get(g)}
+    decoders = {ctx: target.decode_at(ctx, decode_steps + warmup) for ctx in contexts}
+    stage_s = {g: [] for g in groups}
+    decode_s = {ctx: [] for ctx in contexts}
+    e2e, tokens = [], []
+    per_round = -(-runs // rounds)
+    with TegraStats() as power:
+        for r in range(rounds):
+            first = warmup if r == 0 else 0
+            for g, fns in groups.items():
+                stage_s[g] += sample(lambda fns=fns: [fn() for fn in fns], first, per_round,
+                                     min_seconds / rounds)  # fmt: skip
+            for ctx, (prepare, step) in decoders.items():
+                decode_s[ctx] += decode_samples(prepare, step, warmup, decode_steps,
+                                                min_seconds / rounds)  # fmt: skip
+            e2e += sample(lambda: tokens.append(target.end_to_end()), 1 if r == 0 else 0,
+                          -(-end_to_end_runs(runs) // rounds))  # fmt: skip
+    result["stages"] = {g: summarize(x) for g, x in stage_s.items()}
     stages = result["stages"]
     result["ttft_ms"] = sum(
         stages[g]["p50_ms"] for g in ("preprocess", "vision", "prefill") if g in stages
     )
     result["decode"] = {}
     for ctx in contexts:
-        prepare, step = target.decode_at(ctx, decode_steps + warmup)
-        prepare()
-        s = time_it(step, warmup, decode_steps)
+        s = summarize(decode_s[ctx])
         tok_s = 1000 / s["p50_ms"]
         bytes_per_token = target.weight_bytes + kv_bytes_per_pos * ctx
         result["decode"][str(ctx)] = s | {
@@ -50,20 +60,35 @@ def bench_target(target, warmup: int, runs: int, contexts: Sequence[int], decode
             "achieved_gb_s": bytes_per_token * tok_s / 1e9,
             "roofline_ratio": bytes_per_token * tok_s / bandwidth,
         }
-    with TegraStats() as power:
-        e2e = []
-        tokens = 0
-        for _ in range(max(2, runs // 4)):
-            t0 = time.perf_counter()
-            tokens += target.end_to_end()
-            e2e.append(time.perf_counter() - t0)
-    result["end_to_end"] = summarize(e2e) | {"answer_tokens": tokens // len(e2e)}
-    result["power"] = power.summary(tokens)
+    result["end_to_end"] = summarize(e2e) | {"answer_tokens": tokens[-1]}
+    # Jetson power is sampled over the whole measuring window: energy per token counts every
+    # token generated in it (decode steps and whole answers)
+    generated = sum(tokens) + sum(len(x) for x in decode_s.values())
+    result["power"] = power.summary(generated)
     result["peak_rss_mb"] = peak_rss_bytes() / 2**20
     result["gpu_peak_mb"] = gpu_peak_mb(target.backend)
     result["sizes_bytes"] = target.sizes
     result["decode_weight_bytes"] = target.weight_bytes
     return result
+
+
+def end_to_end_runs(runs: int) -> int:
+    """Whole answers timed per target: half ``--runs`` (each is seconds long), at least 3."""
+    return max(3, runs // 2)
+
+
+def decode_samples(prepare, step, warmup: int, steps: int, min_seconds: float) -> list[float]:
+    """Seconds per decode step after a prefill (``prepare``): rounds of (prefill, ``warmup`` +
+    ``steps`` steps) until ``min_seconds`` are sampled (at most 8), so a fast decoder's p50 is not
+    taken over a fraction of a second; each starts again at the prefill's context, so the figure
+    stays the cost at that context."""
+    samples: list[float] = []
+    for _ in range(8):
+        prepare()
+        samples += sample(step, warmup, steps)
+        if sum(samples) >= min_seconds:
+            break
+    return samples
 
 
 def gpu_peak_mb(backend: str) -> float | None:
@@ -90,10 +115,13 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
               contexts: Sequence[int] = (128, 512, 2048), warmup: int = 3, runs: int = 20,
               decode_steps: int = 32, answer_tokens: int = 32, threads: int | None = None,
               prompt: str = "Describe the image.", decoders: Sequence[str] = ("auto",),
-              min_seconds: float = 0.0) -> dict:  # fmt: skip
+              min_seconds: float = 0.0, rounds: int = 5) -> dict:  # fmt: skip
     """``decoders``: which decoder graphs the onnxruntime backend runs (``auto``, ``gqa``,
-    ``portable``; several give one column each). ``min_seconds``: each stage is sampled at least
-    this long (more runs for short stages, for p50s that hold from run to run)."""
+    ``portable``; several give one column each). ``min_seconds``: each stage and decode context
+    is sampled at least this long (more runs for short stages, for p50s that hold from run to
+    run). ``rounds``: passes over all figures of a target that its samples are spread across."""
+    if rounds < 1:
+        raise FilaError(f"--rounds must be at least 1 (got {rounds})")
     from fila_export.validate import find_images
     from runtime.manifest import Manifest
 
@@ -111,7 +139,7 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
            "artifacts": str(artifacts), "image": str(image), "prompt": prompt,
            "settings": {"warmup": warmup, "runs": runs, "contexts": contexts, "decode_steps": decode_steps,
                         "answer_tokens": answer_tokens, "threads": threads,
-                        "min_seconds": min_seconds},
+                        "min_seconds": min_seconds, "rounds": rounds},
            "model": {"preset_text": manifest.model["text"], "vision": manifest.model["vision"]},
            "results": []}  # fmt: skip
     kv_pos = kv_bytes_per_position(manifest.model)
@@ -129,8 +157,8 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
             )
         out["results"].append(
             bench_target(
-                target, warmup, runs, contexts, decode_steps, bandwidth, kv_pos, min_seconds
-            )
+                target, warmup, runs, contexts, decode_steps, bandwidth, kv_pos, min_seconds, rounds
+            )  # fmt: skip
         )
         del target
         gc.collect()

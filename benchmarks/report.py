@@ -123,26 +123,32 @@ def plots(out: dict, folder: Path) -> list[Path]:
     return paths
 
 
-def compare(a_path: str | Path, b_path: str | Path) -> str:
-    """B / A ratios of p50 latencies (< 1: B is faster) for every target and stage both have."""
+def compare(a_path: str | Path, b_path: str | Path, tolerance: float = 0.10) -> str:
+    """B / A ratios of p50 latencies (< 1: B is faster) for every target and stage both have, and
+    how many moved by more than ``tolerance`` (the run-to-run spread of one command)."""
     a, b = json.loads(Path(a_path).read_text()), json.loads(Path(b_path).read_text())
     index = {_label(r): r for r in a["results"]}
-    lines = [
-        f"# {b_path} vs {a_path} (ratio of p50 ms, B/A)",
-        "",
-        "| target | stage | A ms | B ms | B/A |",
-        "|---|---|---|---|---|",
-    ]
+    rows = []
     for r in b["results"]:
         base = index.get(_label(r))
         if not base:
             continue
         for g, s in r["stages"].items():
             if g in base["stages"]:
-                x, y = base["stages"][g]["p50_ms"], s["p50_ms"]
-                lines.append(f"| {_label(r)} | {g} | {x:.2f} | {y:.2f} | {y / x:.3f} |")
+                rows.append((_label(r), g, base["stages"][g]["p50_ms"], s["p50_ms"]))
         for c, d in r["decode"].items():
             if c in base["decode"]:
-                x, y = base["decode"][c]["p50_ms"], d["p50_ms"]
-                lines.append(f"| {_label(r)} | decode@{c} | {x:.2f} | {y:.2f} | {y / x:.3f} |")
+                rows.append((_label(r), f"decode@{c}", base["decode"][c]["p50_ms"], d["p50_ms"]))
+        rows.append(
+            (_label(r), "end_to_end", base["end_to_end"]["p50_ms"], r["end_to_end"]["p50_ms"])
+        )
+    lines = [f"# {b_path} vs {a_path} (ratio of p50 ms, B/A)", "",
+             "| target | stage | A ms | B ms | B/A |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {t} | {g} | {x:.2f} | {y:.2f} | {y / x:.3f} |" for t, g, x, y in rows]
+    if rows:
+        change = [(abs(y / x - 1), t, g) for t, g, x, y in rows]
+        within = sum(c <= tolerance for c, _, _ in change)
+        worst = max(change)
+        lines += ["", f"{within} of {len(rows)} p50 figures within {tolerance:.0%} of A; "
+                      f"largest change {worst[0]:.1%} ({worst[1]}, {worst[2]})"]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -16,9 +16,15 @@ def summarize(seconds: list[float]) -> dict[str, float]:
 
 def time_it(fn: Callable[[], object], warmup: int, runs: int,
             min_seconds: float = 0.0) -> dict[str, float]:  # fmt: skip
-    """At least ``runs`` timed calls, and more until ``min_seconds`` have been sampled (at most
-    50 x ``runs``): a 25 ms stage then gets a p50 over seconds, not over half a second, so the
-    figure does not move with a moment's noise on a shared machine."""
+    """p50 / p90 / p99 / mean of ``sample(fn, warmup, runs, min_seconds)``."""
+    return summarize(sample(fn, warmup, runs, min_seconds))
+
+
+def sample(fn: Callable[[], object], warmup: int, runs: int,
+           min_seconds: float = 0.0) -> list[float]:  # fmt: skip
+    """Seconds of at least ``runs`` timed calls, and more until ``min_seconds`` have been sampled
+    (at most 50 x ``runs``): a 25 ms stage then gets a p50 over seconds, not over half a second,
+    so the figure does not move with a moment's noise on a shared machine."""
     for _ in range(warmup):
         fn()
     samples: list[float] = []
@@ -26,4 +32,4 @@ def time_it(fn: Callable[[], object], warmup: int, runs: int,
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
-    return summarize(samples)
+    return samples

@@ -242,7 +242,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           images=args.images, contexts=[int(c) for c in split(args.contexts)],
                           warmup=args.warmup, runs=args.runs, decode_steps=args.decode_steps,
                           answer_tokens=args.answer_tokens, threads=args.threads,
-                          decoders=split(args.decoders), min_seconds=args.min_seconds)  # fmt: skip
+                          decoders=split(args.decoders), min_seconds=args.min_seconds,
+                          rounds=args.rounds)  # fmt: skip
     out["command"] = "fila " + " ".join(sys.argv[1:])
     paths = bench.save(out, args.out)
     print(report.markdown(out))
@@ -343,8 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime")
-    p.add_argument("--min-seconds", type=float, default=0.0, help="sample each stage at least "
-                   "this long (more runs for short stages: steadier p50s)")  # fmt: skip
+    p.add_argument("--min-seconds", type=float, default=0.0, help="sample each stage and decode "
+                   "context at least this long (more runs for short stages: steadier p50s)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=5, help="passes over every figure of a target; "
+                   "each p50 pools samples from all of them (steady on a shared machine)")  # fmt: skip
     p.add_argument("--decoders", default="auto", help="onnxruntime decoder graph(s): auto, gqa, "
                    "portable, or gqa,portable for one column each")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results/latest")

@@ -11,7 +11,8 @@ def test_bench_writes_json_markdown_and_plots(tiny_artifacts, tiny_checkpoint, t
     out = tmp_path / "bench"
     r = run_fila("bench", "--artifacts", str(tiny_artifacts), "--checkpoint", str(tiny_checkpoint),
                  "--backends", "torch,onnxruntime", "--precisions", "fp32,fp16", "--runs", "2",
-                 "--warmup", "1", "--decode-steps", "2", "--contexts", "16,64", "--out", str(out))  # fmt: skip
+                 "--warmup", "1", "--decode-steps", "2", "--contexts", "16,64", "--rounds", "2",
+                 "--out", str(out))  # fmt: skip
     assert r.returncode == 0, r.stderr
     data = json.loads((out / "results.json").read_text())
     labels = [(x["backend"], x["precision"]) for x in data["results"]]
@@ -21,6 +22,9 @@ def test_bench_writes_json_markdown_and_plots(tiny_artifacts, tiny_checkpoint, t
             result["stages"]
         )
         assert set(result["decode"]) == {"16", "64"}
+        # two rounds pooled: 2 decode steps and 2 whole answers (3 // 2 rounded up) per round
+        assert result["decode"]["16"]["runs"] == 4 and result["end_to_end"]["runs"] == 4
+        assert result["stages"]["vision"]["runs"] == 2
         assert result["decode"]["16"]["roofline_ratio"] > 0
         assert result["speedup_vs_torch"]["end_to_end"] > 0
     assert data["machine"]["measured_bandwidth_gb_s"] > 0
@@ -29,3 +33,21 @@ def test_bench_writes_json_markdown_and_plots(tiny_artifacts, tiny_checkpoint, t
     assert "| decode_step |" in (out / "results.md").read_text()
     r = run_fila("bench", "--compare", str(out / "results.json"), str(out / "results.json"))
     assert r.returncode == 0 and "| 1.000 |" in r.stdout
+
+
+def _result(backend: str, vision_ms: float, decode_ms: float, e2e_ms: float) -> dict:
+    return {"backend": backend, "precision": "fp32", "stages": {"vision": {"p50_ms": vision_ms}},
+            "decode": {"128": {"p50_ms": decode_ms}}, "end_to_end": {"p50_ms": e2e_ms}}  # fmt: skip
+
+
+def test_compare_counts_figures_outside_the_tolerance(tmp_path):
+    from benchmarks.report import compare
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"results": [_result("torch", 100, 10, 1000)]}))
+    b.write_text(json.dumps({"results": [_result("torch", 105, 12, 950)]}))
+    text = compare(a, b)
+    assert "| torch fp32 | end_to_end | 1000.00 | 950.00 | 0.950 |" in text
+    assert (
+        "2 of 3 p50 figures within 10% of A; largest change 20.0% (torch fp32, decode@128)" in text
+    )

@@ -119,3 +119,21 @@ def test_no_convnext_config_builds_no_fusion():
     model = FilaForConditionalGeneration(config)
     assert model.convnext is None and model.cvfm is None
     assert not any(k.startswith(("convnext", "cvfm")) for k in model.state_dict())
+
+
+def test_random_init_keeps_every_norm_and_layer_scale_near_one():
+    """timm names the ConvNeXt stem / downsample norms ``stem.1`` / ``downsample.0``: they are found
+    by type, so the random branch passes signal on instead of shrinking it ~50x per stage (which
+    would leave the CVFM parity tests comparing near-zero features)."""
+    from fila_export.model import FilaForConditionalGeneration
+
+    model = FilaForConditionalGeneration(preset("tiny"))
+    model.init_weights(0)
+    params = dict(model.named_parameters())
+    for name in ("convnext.stem.1.weight", "convnext.stages.1.downsample.0.weight",
+                 "convnext.stages.0.blocks.0.gamma"):  # fmt: skip
+        assert abs(params[name].mean().item() - 1) < 0.1, name
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        maps = model.convnext.forward_intermediates(x, indices=4, intermediates_only=True)
+    assert all(m.std().item() > 0.3 for m in maps), [round(m.std().item(), 4) for m in maps]

@@ -29,6 +29,22 @@ def build_language_model(config: FilaConfig) -> nn.Module:
     return AutoModelForCausalLM.from_config(tcfg)
 
 
+def norm_and_scale_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters that scale activations rather than mix them: the affine of every
+    normalisation layer (found by type, as timm names the ConvNeXt stem and downsample norms
+    ``stem.1`` / ``downsample.0``) and layer-scale ``gamma`` vectors. Random init gives them ~1;
+    a 0.02-scale value would shrink each stage's input ~50x and hide the branch in parity tests."""
+    names = set()
+    for prefix, module in model.named_modules():
+        is_norm = isinstance(module, nn.LayerNorm | nn.GroupNorm) or type(module).__name__.endswith(
+            "RMSNorm"
+        )
+        for pname, _ in module.named_parameters(recurse=False):
+            if is_norm or pname == "gamma":
+                names.add(f"{prefix}.{pname}" if prefix else pname)
+    return names
+
+
 @dataclass
 class ImageFeatures:
     """One image's packed, projected features: rows become that image's tokens in the prompt."""
@@ -65,10 +81,11 @@ class FilaForConditionalGeneration(nn.Module):
         gives varied greedy tokens (parity tests then compare real sequences, not one repeated id).
         """
         gen = torch.Generator().manual_seed(seed)
+        scales = norm_and_scale_parameters(self)
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if "norm" in name.lower() or "layrnorm" in name:
-                    base = 1.0 if name.endswith("weight") else 0.0
+                if name in scales:
+                    base = 0.0 if name.endswith("bias") else 1.0
                     p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
                 elif name.endswith(".gate"):
                     p.fill_(self.config.cvfm_gate_init)
