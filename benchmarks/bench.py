@@ -12,7 +12,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.machine import TegraStats, machine_info, measure_bandwidth, peak_rss_bytes
+from benchmarks.machine import (
+    TegraStats,
+    machine_info,
+    measure_bandwidth,
+    peak_rss_bytes,
+    start_memory_window,
+)
 from benchmarks.stats import sample, summarize
 from benchmarks.targets import STAGE_GROUPS, runtime_target, torch_target
 from runtime.errors import FilaError
@@ -147,6 +153,7 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
                 for p in (["fp32"] if b == "torch" else precisions)
                 for d in (decoders if b == "onnxruntime" else ["auto"])]  # fmt: skip
     for backend, precision, decoder in runs_for:
+        memory = start_memory_window()  # peak RSS from loading this target to its last figure
         if backend == "torch":
             if checkpoint is None:
                 raise FilaError("the torch baseline needs --checkpoint")
@@ -155,11 +162,12 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
             target = runtime_target(
                 artifacts, backend, precision, image, prompt, answer_tokens, threads, decoder
             )
-        out["results"].append(
-            bench_target(
-                target, warmup, runs, contexts, decode_steps, bandwidth, kv_pos, min_seconds, rounds
-            )  # fmt: skip
+        result = bench_target(
+            target, warmup, runs, contexts, decode_steps, bandwidth, kv_pos, min_seconds, rounds
         )
+        result["peak_rss_scope"] = memory["scope"]
+        result["rss_at_start_mb"] = memory["rss_at_start_mb"]
+        out["results"].append(result)
         del target
         gc.collect()
     add_speedups(out)

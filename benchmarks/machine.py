@@ -117,10 +117,39 @@ def _gemv_read(nbytes: int, repeats: int, threads: int | None) -> float:
     return weight.nbytes / best
 
 
+def start_memory_window() -> dict:
+    """Restart the peak-memory counters so the next ``peak_rss_bytes`` covers one target only
+    (else every column would report the bandwidth probe's or an earlier backend's peak).
+    Linux resets the process high-water mark through ``/proc/self/clear_refs``; where that is not
+    possible the scope says ``process`` (the peak since start). Returns the RSS at the start."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        scope = "target"
+    except OSError:
+        scope = "process"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+    except ImportError:
+        pass
+    return {"rss_at_start_mb": _status_kb("VmRSS") / 1024, "scope": scope}
+
+
 def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_kb(field: str) -> float:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return float("nan")
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return float(match.group(1)) if match else float("nan")
 
 
 class TegraStats:

@@ -15,6 +15,12 @@ def _label(r: dict) -> str:
     return f"{r['backend']} {r['precision']}" + (" (portable decoder)" if portable else "")
 
 
+def _rss(r: dict) -> str:
+    if r.get("peak_rss_scope") != "target":  # older files, or no per-target window here
+        return f"{r['peak_rss_mb']:.0f} (process peak)"
+    return f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['rss_at_start_mb']:.0f})"
+
+
 def markdown(out: dict) -> str:
     m = out["machine"]
     lines = [
@@ -47,7 +53,7 @@ def markdown(out: dict) -> str:
         "speed-up vs torch (end to end)": lambda r: (
             f"{r.get('speedup_vs_torch', {}).get('end_to_end', float('nan')):.2f}x"
         ),
-        "peak RSS (MB)": lambda r: f"{r['peak_rss_mb']:.0f}",
+        "peak RSS (MB; + over the RSS before loading)": _rss,
         "decode weights read per token (MB)": lambda r: f"{r['decode_weight_bytes'] / 2**20:.0f}",
     }
     for ctx in out["settings"]["contexts"]:

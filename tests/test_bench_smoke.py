@@ -25,6 +25,9 @@ def test_bench_writes_json_markdown_and_plots(tiny_artifacts, tiny_checkpoint, t
         # two rounds pooled: 2 decode steps and 2 whole answers (3 // 2 rounded up) per round
         assert result["decode"]["16"]["runs"] == 4 and result["end_to_end"]["runs"] == 4
         assert result["stages"]["vision"]["runs"] == 2
+        # the peak is this target's (the 512 MB bandwidth probe before it peaks above 1.5 GB)
+        assert result["peak_rss_scope"] == "target"
+        assert result["rss_at_start_mb"] < result["peak_rss_mb"] < 1500, result["peak_rss_mb"]
         assert result["decode"]["16"]["roofline_ratio"] > 0
         assert result["speedup_vs_torch"]["end_to_end"] > 0
     assert data["machine"]["measured_bandwidth_gb_s"] > 0
