@@ -51,6 +51,29 @@ def make_runner(backend: str, path: Path, name: str, **options):
 PRECISION_GROUPS = ("vision", "embed", "decoder")
 
 
+def modular_vision_stages(manifest: Manifest) -> list[str]:
+    """The modular vision chain in run order (convnext, vit.0, cvfm.0, ..., projector)."""
+    names = [n for n in manifest.data.get("vision_chain", []) if n in manifest.stages]
+    if "projector" not in names:
+        raise ManifestError("this export has no modular vision stages; use vision='fused'")
+    return names
+
+
+def load_runners(manifest: Manifest, names: Sequence[str], backend: str, precision: str,
+                 **options) -> dict:  # fmt: skip
+    """One runner per named stage, at the variant ``precision`` picks for it (a warning for a
+    variant that missed its accuracy gate). The pipeline loads its stages with it; a benchmark
+    loads just the stages it times (without a second copy of the decoder)."""
+    choose = precision_chooser(precision, list(manifest.stages))
+    runners = {}
+    for name in names:
+        variant = choose(name, manifest.stage(name)["variants"])
+        if manifest.variant(name, variant).get("validated") is False:
+            warnings.warn(f"stage {name} ({variant}) did not meet its accuracy gate", stacklevel=3)
+        runners[name] = make_runner(backend, manifest.stage_path(name, variant), name, **options)
+    return runners
+
+
 def precision_chooser(spec: str, stages: Sequence[str] = ()) -> Callable[[str, Sequence[str]], str]:
     """``(stage, its variants) -> variant`` for a precision spec.
 
@@ -147,22 +170,11 @@ class FilaPipeline:
         if vision == "fused":
             names.append("vision")
         elif vision == "modular":
-            names += [n for n in manifest.data.get("vision_chain", []) if n in manifest.stages]
-            if "projector" not in names:
-                raise ManifestError("this export has no modular vision stages; use vision='fused'")
+            names += modular_vision_stages(manifest)
         else:
             raise FilaError(f"vision must be 'fused' or 'modular', got {vision!r}")
-        runners = {}
-        choose = precision_chooser(precision, list(manifest.stages))
-        for name in names:
-            variant = choose(name, manifest.stage(name)["variants"])
-            entry = manifest.variant(name, variant)
-            if entry.get("validated") is False:
-                warnings.warn(f"stage {name} ({variant}) did not meet its accuracy gate",
-                              stacklevel=2)  # fmt: skip
-            runners["decoder" if name == decoder_stage else name] = make_runner(
-                backend, manifest.stage_path(name, variant), name, **options
-            )
+        runners = load_runners(manifest, names, backend, precision, **options)
+        runners["decoder"] = runners.pop(decoder_stage)
         prompts = PromptBuilder.from_folder(
             manifest.folder, manifest.data.get("tokenizer", "tokenizer.json")
         )
