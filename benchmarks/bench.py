@@ -7,8 +7,8 @@ per token vs the machine's measured memory bandwidth), with PyTorch eager as the
 
 from __future__ import annotations
 
-import gc
 import json
+import multiprocessing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,26 +152,39 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
     runs_for = [(b, p, d) for b in backends
                 for p in (["fp32"] if b == "torch" else precisions)
                 for d in (decoders if b == "onnxruntime" else ["auto"])]  # fmt: skip
+    spawn = multiprocessing.get_context("spawn")
     for backend, precision, decoder in runs_for:
-        memory = start_memory_window()  # peak RSS from loading this target to its last figure
-        if backend == "torch":
-            if checkpoint is None:
-                raise FilaError("the torch baseline needs --checkpoint")
-            target = torch_target(Path(checkpoint), image, prompt, answer_tokens, threads)
-        else:
-            target = runtime_target(
-                artifacts, backend, precision, image, prompt, answer_tokens, threads, decoder
-            )
-        result = bench_target(
-            target, warmup, runs, contexts, decode_steps, bandwidth, kv_pos, min_seconds, rounds
-        )
-        result["peak_rss_scope"] = memory["scope"]
-        result["rss_at_start_mb"] = memory["rss_at_start_mb"]
-        out["results"].append(result)
-        del target
-        gc.collect()
+        if backend == "torch" and checkpoint is None:
+            raise FilaError("the torch baseline needs --checkpoint")
+        column = {"backend": backend, "precision": precision, "decoder": decoder,
+                  "artifacts": artifacts, "checkpoint": checkpoint, "image": image,
+                  "prompt": prompt, "answer_tokens": answer_tokens, "threads": threads,
+                  "warmup": warmup, "runs": runs, "contexts": contexts,
+                  "decode_steps": decode_steps, "bandwidth": bandwidth, "kv_bytes_per_pos": kv_pos,
+                  "min_seconds": min_seconds, "rounds": rounds}  # fmt: skip
+        # each column in a fresh process: no allocator state, thread pools or leftover memory of
+        # the columns before it (one run in-process had its ONNX Runtime decode 13 % off), and its
+        # peak RSS is its own
+        with spawn.Pool(1) as pool:
+            out["results"].append(pool.apply(bench_column, (column,)))
     add_speedups(out)
     return out
+
+
+def bench_column(c: dict) -> dict:
+    """One backend x precision x decoder column, loaded and measured start to finish."""
+    memory = start_memory_window()  # peak RSS from loading this target to its last figure
+    if c["backend"] == "torch":
+        target = torch_target(Path(c["checkpoint"]), c["image"], c["prompt"], c["answer_tokens"],
+                              c["threads"])  # fmt: skip
+    else:
+        target = runtime_target(Path(c["artifacts"]), c["backend"], c["precision"], c["image"],
+                                c["prompt"], c["answer_tokens"], c["threads"], c["decoder"])  # fmt: skip
+    result = bench_target(target, c["warmup"], c["runs"], c["contexts"], c["decode_steps"],
+                          c["bandwidth"], c["kv_bytes_per_pos"], c["min_seconds"], c["rounds"])  # fmt: skip
+    result["peak_rss_scope"] = memory["scope"]
+    result["rss_at_start_mb"] = memory["rss_at_start_mb"]
+    return result
 
 
 def add_speedups(out: dict) -> None:

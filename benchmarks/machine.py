@@ -138,8 +138,14 @@ def start_memory_window() -> dict:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak RSS: Linux's ``VmHWM`` (the mark ``start_memory_window`` restarts;
+    ``ru_maxrss`` would also carry a parent's peak across fork + exec), else ``ru_maxrss``."""
+    import math
     import resource
 
+    hwm = _status_kb("VmHWM")
+    if not math.isnan(hwm):
+        return int(hwm * 1024)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
