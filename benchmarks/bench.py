@@ -8,6 +8,7 @@ per token vs the machine's measured memory bandwidth), with PyTorch eager as the
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from benchmarks.machine import (
     machine_info,
     measure_bandwidth,
     peak_rss_bytes,
-    start_memory_window,
+    rss_mb,
 )
 from benchmarks.stats import sample, summarize
 from benchmarks.targets import STAGE_GROUPS, runtime_target, torch_target
@@ -71,7 +72,6 @@ def bench_target(target, warmup: int, runs: int, contexts: Sequence[int], decode
     # token generated in it (decode steps and whole answers)
     generated = sum(tokens) + sum(len(x) for x in decode_s.values())
     result["power"] = power.summary(generated)
-    result["peak_rss_mb"] = peak_rss_bytes() / 2**20
     result["gpu_peak_mb"] = gpu_peak_mb(target.backend)
     result["sizes_bytes"] = target.sizes
     result["decode_weight_bytes"] = target.weight_bytes
@@ -173,7 +173,7 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
 
 def bench_column(c: dict) -> dict:
     """One backend x precision x decoder column, loaded and measured start to finish."""
-    memory = start_memory_window()  # peak RSS from loading this target to its last figure
+    rss_at_start = rss_mb()  # the interpreter and imports; the process is this column's alone
     if c["backend"] == "torch":
         target = torch_target(Path(c["checkpoint"]), c["image"], c["prompt"], c["answer_tokens"],
                               c["threads"])  # fmt: skip
@@ -182,9 +182,9 @@ def bench_column(c: dict) -> dict:
                                 c["prompt"], c["answer_tokens"], c["threads"], c["decoder"])  # fmt: skip
     result = bench_target(target, c["warmup"], c["runs"], c["contexts"], c["decode_steps"],
                           c["bandwidth"], c["kv_bytes_per_pos"], c["min_seconds"], c["rounds"])  # fmt: skip
-    result["peak_rss_scope"] = memory["scope"]
-    result["rss_at_start_mb"] = memory["rss_at_start_mb"]
-    return result
+    peak = peak_rss_bytes() / 2**20
+    return result | {"peak_rss_mb": peak, "rss_at_start_mb": rss_at_start,
+                     "peak_rss_scope": "process" if math.isnan(rss_at_start) else "target"}  # fmt: skip
 
 
 def add_speedups(out: dict) -> None:

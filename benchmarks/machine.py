@@ -117,29 +117,14 @@ def _gemv_read(nbytes: int, repeats: int, threads: int | None) -> float:
     return weight.nbytes / best
 
 
-def start_memory_window() -> dict:
-    """Restart the peak-memory counters so the next ``peak_rss_bytes`` covers one target only
-    (else every column would report the bandwidth probe's or an earlier backend's peak).
-    Linux resets the process high-water mark through ``/proc/self/clear_refs``; where that is not
-    possible the scope says ``process`` (the peak since start). Returns the RSS at the start."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        scope = "target"
-    except OSError:
-        scope = "process"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-    except ImportError:
-        pass
-    return {"rss_at_start_mb": _status_kb("VmRSS") / 1024, "scope": scope}
+def rss_mb() -> float:
+    """This process's resident memory now (Linux ``VmRSS``; NaN elsewhere)."""
+    return _status_kb("VmRSS") / 1024
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak RSS: Linux's ``VmHWM`` (the mark ``start_memory_window`` restarts;
-    ``ru_maxrss`` would also carry a parent's peak across fork + exec), else ``ru_maxrss``."""
+    """This process's peak RSS: Linux's ``VmHWM`` (``ru_maxrss`` would also carry the parent's
+    peak across fork + exec, so a spawned column would report the parent's), else ``ru_maxrss``."""
     import math
     import resource
 

@@ -14,12 +14,6 @@ def summarize(seconds: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "runs": len(a)}  # fmt: skip
 
 
-def time_it(fn: Callable[[], object], warmup: int, runs: int,
-            min_seconds: float = 0.0) -> dict[str, float]:  # fmt: skip
-    """p50 / p90 / p99 / mean of ``sample(fn, warmup, runs, min_seconds)``."""
-    return summarize(sample(fn, warmup, runs, min_seconds))
-
-
 def sample(fn: Callable[[], object], warmup: int, runs: int,
            min_seconds: float = 0.0) -> list[float]:  # fmt: skip
     """Seconds of at least ``runs`` timed calls, and more until ``min_seconds`` have been sampled
