@@ -41,7 +41,12 @@ class Target:
 def runtime_target(artifacts: Path, backend: str, precision: str, image_path: Path, prompt: str,
                    answer_tokens: int, threads: int | None, decoder: str = "auto") -> Target:  # fmt: skip
     from runtime.generate import Decoder
-    from runtime.pipeline import FilaPipeline, load_runners, modular_vision_stages
+    from runtime.pipeline import (
+        FilaPipeline,
+        load_runners,
+        modular_vision_stages,
+        run_modular_vision,
+    )
 
     opts = {"threads": threads} if threads and backend == "onnxruntime" else {}
     fused = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision,
@@ -55,7 +60,8 @@ def runtime_target(artifacts: Path, backend: str, precision: str, image_path: Pa
     t = Target(backend, precision)
     t.stages["preprocess"] = [lambda: preprocess(image, cfg)]
     t.stages["vision"] = [lambda: fused.run_vision(pre)]
-    feeds = _modular_feeds(modular, pre)
+    feeds = {}
+    run_modular_vision(modular, pre, feeds)  # one pass records each stage's inputs
     for name, runner in modular.items():
         t.stages.setdefault(name.split(".")[0], []).append(
             lambda r=runner, f=feeds[name]: r.infer(f)
@@ -126,26 +132,6 @@ def _prompt_ids(pipe, image_path: Path, prompt: str) -> list[int]:
     )
     ids = pipe.prompts.encode(pipe.prompts.format(prompt))
     return expand_image_tokens(ids, pipe.image_token_id, [n])
-
-
-def _modular_feeds(runners: dict, pre) -> dict[str, dict]:
-    """The inputs every modular stage sees for this image (one pass of the chain)."""
-    feeds, maps, hidden = {}, {}, None
-    if "convnext" in runners:
-        feeds["convnext"] = {"global_view": pre.global_view}
-        maps = runners["convnext"].infer(feeds["convnext"])
-    for name, runner in runners.items():
-        if name.startswith("vit."):
-            feeds[name] = (
-                {"pixel_values": pre.pixel_values} if name == "vit.0" else {"hidden": hidden}
-            )
-            hidden = runner.infer(feeds[name])["hidden_out"]
-        elif name.startswith("cvfm."):
-            k = name.split(".")[1]
-            feeds[name] = {"hidden": hidden, f"stage{k}": maps[f"stage{k}"]}
-            hidden = runner.infer(feeds[name])["hidden_out"]
-    feeds["projector"] = {"hidden": hidden}
-    return feeds
 
 
 def onnx_weight_bytes(path: Path) -> int:

@@ -74,6 +74,28 @@ def load_runners(manifest: Manifest, names: Sequence[str], backend: str, precisi
     return runners
 
 
+def run_modular_vision(runners: dict, image: PreprocessedImage,
+                       feeds_seen: dict | None = None) -> np.ndarray:  # fmt: skip
+    """The modular chain (convnext, then vit.k / cvfm.k in order, then projector) on one image;
+    ``feeds_seen`` (when given) collects the inputs each stage got, for timing stages alone."""
+    seen = {} if feeds_seen is None else feeds_seen
+
+    def run(name: str, feeds: dict) -> dict:
+        seen[name] = feeds
+        return runners[name].infer(feeds)
+
+    maps = run("convnext", {"global_view": image.global_view}) if "convnext" in runners else {}
+    hidden = None
+    for name in runners:
+        if name.startswith("vit."):
+            x = {"pixel_values": image.pixel_values} if name == "vit.0" else {"hidden": hidden}
+            hidden = run(name, x)["hidden_out"]
+        elif name.startswith("cvfm."):
+            k = name.split(".")[1]
+            hidden = run(name, {"hidden": hidden, f"stage{k}": maps[f"stage{k}"]})["hidden_out"]
+    return run("projector", {"hidden": hidden})["image_features"]
+
+
 def precision_chooser(spec: str, stages: Sequence[str] = ()) -> Callable[[str, Sequence[str]], str]:
     """``(stage, its variants) -> variant`` for a precision spec.
 
@@ -190,19 +212,7 @@ class FilaPipeline:
             feeds["global_view"] = image.global_view
         if self.vision_mode == "fused":
             return self.runners["vision"].infer(feeds)["image_features"]
-        maps = {}
-        if "convnext" in self.runners:
-            maps = self.runners["convnext"].infer({"global_view": image.global_view})
-        hidden = None
-        for name, runner in self.runners.items():
-            if name.startswith("vit."):
-                x = {"pixel_values": image.pixel_values} if name == "vit.0" else {"hidden": hidden}
-                hidden = runner.infer(x)["hidden_out"]
-            elif name.startswith("cvfm."):
-                k = name.split(".")[1]
-                feeds = {"hidden": hidden, f"stage{k}": maps[f"stage{k}"]}
-                hidden = runner.infer(feeds)["hidden_out"]
-        return self.runners["projector"].infer({"hidden": hidden})["image_features"]
+        return run_modular_vision(self.runners, image)
 
     def pack(self, features: np.ndarray, image: PreprocessedImage) -> np.ndarray:
         """LLaVA-NeXT packing: the same index the reference model uses."""
