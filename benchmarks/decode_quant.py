@@ -28,14 +28,10 @@ if str(ROOT) not in sys.path:
 
 def decode_rate(runner, embed, manifest, context: int, steps: int, warmup: int) -> float:
     """Tokens/s of ``steps`` decode steps after a ``context``-long prefill."""
-    from runtime.generate import Decoder
+    from runtime.generate import Decoder, DecoderShape
 
     text = manifest.model["text"]
-    heads = text["num_attention_heads"]
-    kv_heads = text.get("num_key_value_heads") or heads
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    dec = Decoder(runner, text["num_hidden_layers"], kv_heads, head_dim, text["vocab_size"], 1,
-                  context + warmup + steps + 1)  # fmt: skip
+    dec = Decoder(runner, DecoderShape.from_text_config(text), 1, context + warmup + steps + 1)
     rng = np.random.default_rng(0)
     prompt = (rng.standard_normal((1, context, text["hidden_size"])) * 0.02).astype(np.float32)
     logits = dec.prefill(prompt, np.ones((1, context), dtype=np.int64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -115,6 +116,33 @@ def _gemv_read(nbytes: int, repeats: int, threads: int | None) -> float:
         session.run(None, x)
         best = min(best, time.perf_counter() - t0)
     return weight.nbytes / best
+
+
+# glibc's mmap threshold moves with what a process has allocated and freed before, and the heap's
+# top is handed back to the kernel once 2x that is free: the same preprocess call then took 1.5k
+# page faults in one column process and 4.4k in another (29 vs 33 ms). Fixed thresholds keep freed
+# buffers for reuse, as in a long-running server, so a column's figures do not depend on its past.
+STEADY_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(2**30),
+}
+
+
+@contextlib.contextmanager
+def steady_allocator():
+    """Environment for processes started inside the block: ``STEADY_MALLOC_ENV``, except where
+    the user set a variable already (theirs wins); this process's own environment after it."""
+    saved = {k: os.environ.get(k) for k in STEADY_MALLOC_ENV}
+    for k, v in STEADY_MALLOC_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def rss_mb() -> float:

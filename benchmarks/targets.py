@@ -40,7 +40,6 @@ class Target:
 
 def runtime_target(artifacts: Path, backend: str, precision: str, image_path: Path, prompt: str,
                    answer_tokens: int, threads: int | None, decoder: str = "auto") -> Target:  # fmt: skip
-    from runtime.generate import Decoder
     from runtime.pipeline import (
         FilaPipeline,
         load_runners,
@@ -70,16 +69,14 @@ def runtime_target(artifacts: Path, backend: str, precision: str, image_path: Pa
     prompt_embeds = fused.embed(np.asarray([counts], dtype=np.int64))
 
     def prefill():
-        dec = Decoder(fused.runners["decoder"], fused.num_layers, fused.kv_heads, fused.head_dim,
-                      fused.vocab, 1, len(counts) + 1)  # fmt: skip
+        dec = fused.new_decoder(len(counts) + 1)
         dec.prefill(prompt_embeds, np.ones((1, len(counts)), np.int64))
 
     t.stages["prefill"] = [prefill]
     step_embed = fused.embed(np.asarray([[42]], dtype=np.int64))
 
     def decode_at(context: int, steps: int):
-        dec = Decoder(fused.runners["decoder"], fused.num_layers, fused.kv_heads, fused.head_dim,
-                      fused.vocab, 1, context + steps + 1)  # fmt: skip
+        dec = fused.new_decoder(context + steps + 1)
         ids = np.random.default_rng(0).integers(4, 200, (1, context), dtype=np.int64)
         emb = fused.embed(ids)
 

@@ -173,10 +173,7 @@ def greedy_tokens(
     pipe, decoder_runner, embeds: np.ndarray, tokens: int
 ) -> tuple[list[int], np.ndarray]:
     """``tokens`` greedy tokens (EOS not honoured) and the prefill logits."""
-    from runtime.generate import Decoder
-
-    dec = Decoder(decoder_runner, pipe.num_layers, pipe.kv_heads, pipe.head_dim, pipe.vocab, 1,
-                  embeds.shape[1] + tokens + 1)  # fmt: skip
+    dec = pipe.new_decoder(embeds.shape[1] + tokens + 1, runner=decoder_runner)
     logits = dec.prefill(embeds, np.ones(embeds.shape[:2], dtype=np.int64))
     first = logits.copy()
     out: list[int] = []

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from runtime.generate import DecoderShape
+
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -124,10 +126,11 @@ class GqaDecoderStage(nn.Module):
         self.rotate = apply_rotary_pos_emb
         self.lm = model.language_model
         text = model.config.text
-        self.num_layers = text["num_hidden_layers"]
+        shape = DecoderShape.from_text_config(text)
+        self.num_layers = shape.num_layers
+        self.kv_heads = shape.kv_heads
+        self.head_dim = shape.head_dim
         self.heads = text["num_attention_heads"]
-        self.kv_heads = text.get("num_key_value_heads") or self.heads
-        self.head_dim = text.get("head_dim") or text["hidden_size"] // self.heads
 
     def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, *past):
         body = self.lm.model

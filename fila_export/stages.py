@@ -22,6 +22,7 @@ from torch import nn
 from fila_export.config import FilaConfig, preprocess_config
 from fila_export.gqa_decoder import GqaDecoderStage, unsupported_reason
 from fila_export.model import vision
+from runtime.generate import DecoderShape
 from runtime.profiles import resolve
 
 
@@ -155,10 +156,9 @@ class DecoderStage(nn.Module):
 
 # --- the specs -------------------------------------------------------------------------------
 def kv_shape(config: FilaConfig) -> tuple[int, int]:
-    text = config.text
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    return text.get("num_key_value_heads") or heads, head_dim
+    """(KV heads, head dim) of the decoder's cache tensors."""
+    shape = DecoderShape.from_text_config(config.text)
+    return shape.kv_heads, shape.head_dim
 
 
 def vision_axes(config: FilaConfig) -> dict[str, AxisRange]:

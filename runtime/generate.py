@@ -70,6 +70,31 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     return np.array([rng.choice(probs.shape[-1], p=p) for p in probs])
 
 
+@dataclass(frozen=True)
+class DecoderShape:
+    """The decoder's cache geometry, read from the model's text config in one place (grouped-query
+    attention keeps fewer KV heads than query heads; ``head_dim`` may be set apart from the width)."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_text_config(cls, text: dict) -> DecoderShape:
+        heads = text["num_attention_heads"]
+        return cls(
+            num_layers=text["num_hidden_layers"],
+            kv_heads=text.get("num_key_value_heads") or heads,
+            head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+            vocab=text["vocab_size"],
+        )
+
+    def kv_bytes_per_position(self, itemsize: int = 4) -> int:
+        """Bytes of K and V that one position adds to the cache (what each decode step re-reads)."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * itemsize
+
+
 class Decoder:
     """The decoder stage with its preallocated KV cache, attention mask and positions.
 
@@ -79,8 +104,8 @@ class Decoder:
     past inputs and present outputs, and no attention mask (rows are unpadded).
     """
 
-    def __init__(self, runner, num_layers: int, kv_heads: int, head_dim: int, vocab: int,
-                 batch: int, max_len: int) -> None:  # fmt: skip
+    def __init__(self, runner, shape: DecoderShape, batch: int, max_len: int) -> None:
+        num_layers, kv_heads, head_dim = shape.num_layers, shape.kv_heads, shape.head_dim
         self.runner = runner
         self.on_device = hasattr(runner, "run_step")
         self.shared = "seqlens_k" in {meta.name for meta in getattr(runner, "inputs", ())}
@@ -94,7 +119,7 @@ class Decoder:
         self.length = 0
         self.mask = np.zeros((batch, max_len), dtype=np.int64)
         self.next_position = np.zeros(batch, dtype=np.int64)
-        self.logits = np.zeros((batch, vocab), dtype=np.float32)
+        self.logits = np.zeros((batch, shape.vocab), dtype=np.float32)
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         if self.shared:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ContextOverflowError, FilaError, ManifestError
-from runtime.generate import Decoder, SamplingParams, generate
+from runtime.generate import Decoder, DecoderShape, SamplingParams, generate
 from runtime.image_io import load_image
 from runtime.manifest import Manifest
 from runtime.preprocess import NEWLINE, PreprocessedImage, packing_index, preprocess
@@ -168,12 +168,7 @@ class FilaPipeline:
         model = manifest.model
         self.image_token_id = int(manifest.data["image_token_id"])
         self.eos_ids = list(manifest.data.get("eos_token_ids", [])) or prompts.eos_token_ids
-        text = model["text"]
-        heads = text["num_attention_heads"]
-        self.num_layers = text["num_hidden_layers"]
-        self.kv_heads = text.get("num_key_value_heads") or heads
-        self.head_dim = text.get("head_dim") or text["hidden_size"] // heads
-        self.vocab = text["vocab_size"]
+        self.decoder_shape = DecoderShape.from_text_config(model["text"])
         self.decoder_stage = decoder_stage
         axes = manifest.stage(decoder_stage)["axes"]
         self.max_context = axes["total"]["max"]
@@ -231,6 +226,11 @@ class FilaPipeline:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.runners["embed"].infer({"input_ids": ids})["inputs_embeds"]
 
+    def new_decoder(self, max_len: int, batch: int = 1, runner=None) -> Decoder:
+        """A decoder with its cache for ``max_len`` positions, on this pipeline's decoder (or on
+        ``runner``, another variant of it, as the accuracy report compares)."""
+        return Decoder(runner or self.runners["decoder"], self.decoder_shape, batch, max_len)
+
     def check_context(self, prompt_len: int, max_new_tokens: int) -> None:
         need = prompt_len + max_new_tokens
         if need > self.max_context:
@@ -267,8 +267,7 @@ class FilaPipeline:
         if feats:
             embeds[0, id_array[0] == self.image_token_id] = np.concatenate(feats)
         timings["embed_s"] = time.perf_counter() - t0
-        decoder = Decoder(self.runners["decoder"], self.num_layers, self.kv_heads, self.head_dim,
-                          self.vocab, 1, len(ids) + max_new_tokens)  # fmt: skip
+        decoder = self.new_decoder(len(ids) + max_new_tokens)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         out = generate(decoder, self.embed, embeds, np.ones_like(id_array), max_new_tokens, params,
                        self.eos_ids, stop, self.prompts.decode, on_text)  # fmt: skip

@@ -6,6 +6,8 @@ import json
 
 from conftest import run_fila
 
+from benchmarks.machine import STEADY_MALLOC_ENV, steady_allocator
+
 
 def test_bench_writes_json_markdown_and_plots(tiny_artifacts, tiny_checkpoint, tmp_path):
     out = tmp_path / "bench"
@@ -30,6 +32,8 @@ def test_bench_writes_json_markdown_and_plots(tiny_artifacts, tiny_checkpoint, t
         assert result["rss_at_start_mb"] < result["peak_rss_mb"] < 1500, result["peak_rss_mb"]
         assert result["decode"]["16"]["roofline_ratio"] > 0
         assert result["speedup_vs_torch"]["end_to_end"] > 0
+        # each column process ran with the fixed allocator thresholds
+        assert result["allocator_env"] == STEADY_MALLOC_ENV
     assert data["machine"]["measured_bandwidth_gb_s"] > 0
     assert (out / "latency_per_stage.png").stat().st_size > 1000
     assert (out / "decode_vs_context.png").stat().st_size > 1000
@@ -54,3 +58,18 @@ def test_compare_counts_figures_outside_the_tolerance(tmp_path):
     assert (
         "2 of 3 p50 figures within 10% of A; largest change 20.0% (torch fp32, decode@128)" in text
     )
+
+
+def test_steady_allocator_reaches_child_processes_and_keeps_the_users_setting(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    show = "import os; print(os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ['MALLOC_TRIM_THRESHOLD_'])"
+    with steady_allocator():
+        seen = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True).stdout
+    assert seen.split() == [STEADY_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"], "12345"]
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # put back as it was
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"

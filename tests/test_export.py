@@ -19,7 +19,7 @@ from fila_export.reference import ReferencePipeline
 from fila_export.stages import stage_specs
 from fila_export.validate import validate
 from runtime.errors import ExportError, ManifestError
-from runtime.generate import Decoder, SamplingParams, generate
+from runtime.generate import SamplingParams, generate
 from runtime.manifest import Manifest, sha256_file
 from runtime.pipeline import FilaPipeline
 from runtime.preprocess import preprocess
@@ -104,8 +104,7 @@ def test_left_padded_batch_of_two(tiny_artifacts, tiny_checkpoint):
     for r, row in enumerate(rows):
         ids[r, width - len(row) :] = row
         mask[r, width - len(row) :] = 1
-    decoder = Decoder(pipe.runners["decoder"], pipe.num_layers, pipe.kv_heads, pipe.head_dim,
-                      pipe.vocab, batch=2, max_len=width + 32)  # fmt: skip
+    decoder = pipe.new_decoder(max_len=width + 32, batch=2)
     out = generate(decoder, pipe.embed, pipe.embed(ids), mask, 32, SamplingParams())
     assert out.token_ids == expected
     assert len(set(expected[0])) > 4

@@ -16,7 +16,6 @@ from fila_export.gqa_decoder import GqaDecoderStage, unsupported_reason
 from fila_export.reference import ReferencePipeline
 from fila_export.stages import DecoderStage, stage_specs
 from runtime.errors import FilaError, ManifestError
-from runtime.generate import Decoder
 from runtime.pipeline import FilaPipeline, choose_decoder
 
 LOGITS_ATOL = 1e-4
@@ -91,10 +90,9 @@ def test_chunked_prefill_equals_one_prefill(tiny_artifacts):
     pipe = FilaPipeline.from_artifacts(tiny_artifacts)
     ids = np.arange(4, 20, dtype=np.int64)[None]
     embeds = pipe.embed(ids)
-    args = (pipe.runners["decoder"], pipe.num_layers, pipe.kv_heads, pipe.head_dim, pipe.vocab, 1)
-    whole = Decoder(*args, 20)
+    whole = pipe.new_decoder(20)
     want = whole.prefill(embeds, np.ones_like(ids)).copy()
-    parts = Decoder(*args, 20)
+    parts = pipe.new_decoder(20)
     parts.prefill(embeds[:, :10], np.ones((1, 10), np.int64))
     got = parts._run(embeds[:, 10:], np.arange(10, 16)[None])
     np.testing.assert_allclose(got, want, atol=1e-4)
@@ -104,8 +102,7 @@ def test_chunked_prefill_equals_one_prefill(tiny_artifacts):
 
 def test_padded_rows_and_wrong_backend_are_refused(tiny_artifacts):
     pipe = FilaPipeline.from_artifacts(tiny_artifacts)
-    dec = Decoder(pipe.runners["decoder"], pipe.num_layers, pipe.kv_heads, pipe.head_dim,
-                  pipe.vocab, 1, 16)  # fmt: skip
+    dec = pipe.new_decoder(16)
     ids = np.array([[0, 5, 6]], dtype=np.int64)
     with pytest.raises(FilaError, match="portable"):
         dec.prefill(pipe.embed(ids), np.array([[0, 1, 1]]))

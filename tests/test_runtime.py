@@ -125,11 +125,8 @@ def test_image_sources_give_the_same_answer(pipe, tmp_path):
 
 @pytest.mark.parametrize("kind", ["portable", "gqa"])
 def test_kv_cache_is_allocated_once(tiny_artifacts, kind):
-    from runtime.generate import Decoder
-
     pipe = FilaPipeline.from_artifacts(tiny_artifacts, decoder=kind)
-    decoder = Decoder(pipe.runners["decoder"], pipe.num_layers, pipe.kv_heads, pipe.head_dim,
-                      pipe.vocab, batch=1, max_len=40)  # fmt: skip
+    decoder = pipe.new_decoder(max_len=40)
     assert decoder.shared == (kind == "gqa")
     buffer = decoder.cache.buffer
     ids = np.array([[1, 20, 21, 22]], dtype=np.int64)

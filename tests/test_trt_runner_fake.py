@@ -14,7 +14,7 @@ import pytest
 
 from runtime.backends.tensorrt import TrtDecoderRunner, TrtRunner, check_build_info
 from runtime.errors import EngineMismatchError
-from runtime.generate import Decoder
+from runtime.generate import Decoder, DecoderShape
 from runtime.profiles import Profile
 
 
@@ -166,7 +166,9 @@ def test_decoder_kv_cache_bound_in_place():
     decode = Profile("decode", {k: (v, v, shapes(1, 1, 15)[k]) for k, v in shapes(1, 1, 1).items()})
     runner = TrtDecoderRunner(engine, [prefill, decode], "decoder", mem)
     assert not any(n.startswith(("past.", "present.")) for n in runner.buffers)
-    decoder = Decoder(runner, num_layers=1, kv_heads=1, head_dim=2, vocab=5, batch=1, max_len=16)
+    decoder = Decoder(
+        runner, DecoderShape(num_layers=1, kv_heads=1, head_dim=2, vocab=5), batch=1, max_len=16
+    )
     setup_calls = len(runner.context.calls)  # output sizing visits each profile once
     logits = decoder.prefill(np.zeros((1, 4, 3), np.float32), np.ones((1, 4), np.int64))
     assert logits[0, 0] == 0  # empty past
