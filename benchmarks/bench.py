@@ -11,6 +11,8 @@ import json
 import math
 import multiprocessing
 import os
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from benchmarks.machine import (
     TegraStats,
     machine_info,
     measure_bandwidth,
+    merge_power,
     peak_rss_bytes,
     rss_mb,
     steady_allocator,
@@ -55,55 +58,64 @@ class BenchSettings:
         return {k: getattr(self, k) for k in keys} | {"contexts": list(self.contexts)}
 
 
-def bench_target(target, s: BenchSettings) -> dict:
-    """Every figure of one target. The samples of each figure are taken in ``rounds`` passes over
-    all of them (stages, decode at each context, whole answers), so each p50 pools samples spread
-    over the target's whole measuring time: a shared machine's slow spell of some seconds then
-    moves every figure a little instead of one figure a lot, and two runs agree."""
-    result = {"backend": target.backend, "precision": target.precision, "stages": {},
-              "decoder_stage": target.decoder_stage}  # fmt: skip
+def measure_round(target, s: BenchSettings) -> dict:
+    """One round of one target: after a warm-up (each round is a fresh process), its share of every
+    figure's samples — each stage, decode at each context, whole answers — as raw seconds."""
     groups = {g: target.stages[g] for g in STAGE_GROUPS if target.stages.get(g)}
-    decoders = {ctx: target.decode_at(ctx, s.decode_steps + s.warmup) for ctx in s.contexts}
-    stage_s = {g: [] for g in groups}
-    decode_s = {ctx: [] for ctx in s.contexts}
-    e2e, tokens = [], []
     per_round = -(-s.runs // s.rounds)
-    seconds_per_round = s.min_seconds / s.rounds
+    seconds = s.min_seconds / s.rounds
+    tokens: list[int] = []
     with TegraStats() as power:
-        for r in range(s.rounds):
-            first = s.warmup if r == 0 else 0
-            for g, fns in groups.items():
-                stage_s[g] += sample(lambda fns=fns: [fn() for fn in fns], first, per_round,
-                                     seconds_per_round)  # fmt: skip
-            for ctx, (prepare, step) in decoders.items():
-                decode_s[ctx] += decode_samples(prepare, step, s.warmup, s.decode_steps,
-                                                seconds_per_round)  # fmt: skip
-            e2e += sample(lambda: tokens.append(target.end_to_end()), 1 if r == 0 else 0,
-                          -(-end_to_end_runs(s.runs) // s.rounds))  # fmt: skip
-    result["stages"] = {g: summarize(x) for g, x in stage_s.items()}
-    stages = result["stages"]
+        stage_s = {g: sample(lambda fns=fns: [fn() for fn in fns], s.warmup, per_round, seconds)
+                   for g, fns in groups.items()}  # fmt: skip
+        decode_s = {}
+        for ctx in s.contexts:
+            prepare, step = target.decode_at(ctx, s.decode_steps + s.warmup)
+            decode_s[str(ctx)] = decode_samples(prepare, step, s.warmup, s.decode_steps, seconds)
+        e2e = sample(lambda: tokens.append(target.end_to_end()), 1,
+                     -(-end_to_end_runs(s.runs) // s.rounds))  # fmt: skip
+    # Jetson power is sampled over the whole round: energy per token counts every token
+    # generated in it (decode steps and whole answers; the warm-ups' too)
+    generated = sum(tokens) + sum(len(x) for x in decode_s.values())
+    return {"backend": target.backend, "precision": target.precision,
+            "decoder_stage": target.decoder_stage, "stage_s": stage_s, "decode_s": decode_s,
+            "end_to_end_s": e2e, "answer_tokens": tokens[-1], "power": power.summary(generated),
+            "gpu_peak_mb": gpu_peak_mb(target.backend), "sizes_bytes": target.sizes,
+            "decode_weight_bytes": target.weight_bytes}  # fmt: skip
+
+
+def column_result(rounds: list[dict], s: BenchSettings) -> dict:
+    """One column's figures: each p50 pools the samples of all its rounds, so a slow spell of the
+    machine or one process's bad luck (memory placement, allocator state) moves it a little."""
+    first = rounds[0]
+    result = {k: first[k] for k in ("backend", "precision", "decoder_stage", "answer_tokens",
+                                     "sizes_bytes", "decode_weight_bytes", "allocator_env")}  # fmt: skip
+    result["rounds"] = len(rounds)
+    stages = {g: summarize([x for r in rounds for x in r["stage_s"][g]]) for g in first["stage_s"]}
+    result["stages"] = stages
     result["ttft_ms"] = sum(
         stages[g]["p50_ms"] for g in ("preprocess", "vision", "prefill") if g in stages
     )
     result["decode"] = {}
-    for ctx in s.contexts:
-        figures = summarize(decode_s[ctx])
+    for ctx in first["decode_s"]:
+        figures = summarize([x for r in rounds for x in r["decode_s"][ctx]])
         tok_s = 1000 / figures["p50_ms"]
-        bytes_per_token = target.weight_bytes + s.kv_bytes_per_pos * ctx
-        result["decode"][str(ctx)] = figures | {
+        bytes_per_token = first["decode_weight_bytes"] + s.kv_bytes_per_pos * int(ctx)
+        result["decode"][ctx] = figures | {
             "tokens_per_s": tok_s,
             "bytes_per_token": bytes_per_token,
             "achieved_gb_s": bytes_per_token * tok_s / 1e9,
             "roofline_ratio": bytes_per_token * tok_s / s.bandwidth,
         }
-    result["end_to_end"] = summarize(e2e) | {"answer_tokens": tokens[-1]}
-    # Jetson power is sampled over the whole measuring window: energy per token counts every
-    # token generated in it (decode steps and whole answers)
-    generated = sum(tokens) + sum(len(x) for x in decode_s.values())
-    result["power"] = power.summary(generated)
-    result["gpu_peak_mb"] = gpu_peak_mb(target.backend)
-    result["sizes_bytes"] = target.sizes
-    result["decode_weight_bytes"] = target.weight_bytes
+    result["end_to_end"] = summarize([x for r in rounds for x in r["end_to_end_s"]]) | {
+        "answer_tokens": first["answer_tokens"]
+    }
+    result["power"] = merge_power([r["power"] for r in rounds])
+    gpu_peaks = [r["gpu_peak_mb"] for r in rounds if r["gpu_peak_mb"] is not None]
+    result["gpu_peak_mb"] = max(gpu_peaks) if gpu_peaks else None
+    # the peak of the round process that went highest, and what it held before loading
+    top = max(rounds, key=lambda r: r["peak_rss_mb"])
+    result |= {k: top[k] for k in ("peak_rss_mb", "rss_at_start_mb", "peak_rss_scope")}
     return result
 
 
@@ -171,35 +183,40 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
                for p in (["fp32"] if b == "torch" else precisions)
                for d in (decoders if b == "onnxruntime" else ["auto"])]  # fmt: skip
     spawn = multiprocessing.get_context("spawn")
-    results = []
-    # each column in a fresh process: no allocator state, thread pools or leftover memory of the
-    # columns before it (one run in-process had its ONNX Runtime decode 13 % off), its peak RSS is
-    # its own, and its allocator keeps freed buffers (see steady_allocator)
+    rounds_of: dict[tuple, list[dict]] = {c: [] for c in columns}
+    # every round of every column in a fresh process, the columns taking turns round by round: a
+    # slow spell of the machine lasting minutes lands on every column a little, not on one column
+    # (one run measuring each column in one go had one column 10 % slow throughout), no column
+    # inherits another's allocator state, thread pools or memory, and its peak RSS is its own
     with steady_allocator():
-        for backend, precision, decoder in columns:
-            with spawn.Pool(1) as pool:
-                results.append(pool.apply(bench_column, (backend, precision, decoder, artifacts,
-                                                         checkpoint, settings)))  # fmt: skip
+        for r in range(rounds):
+            for column in columns:
+                t0 = time.perf_counter()
+                with spawn.Pool(1) as pool:
+                    rounds_of[column].append(pool.apply(bench_column, (*column, artifacts,
+                                                                       checkpoint, settings)))  # fmt: skip
+                print(f"round {r + 1}/{rounds}: {' '.join(column)} "
+                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
     out = {"machine": machine_info() | {"measured_bandwidth_gb_s": bw["best"] / 1e9,
                                         "bandwidth_gb_s": {k: v / 1e9 for k, v in bw.items()}},
            "artifacts": str(artifacts), "image": str(settings.image), "prompt": prompt,
            "settings": settings.sampling(),
            "model": {"preset_text": manifest.model["text"], "vision": manifest.model["vision"]},
-           "results": results}  # fmt: skip
+           "results": [column_result(rounds_of[c], settings) for c in columns]}  # fmt: skip
     add_speedups(out)
     return out
 
 
 def bench_column(backend: str, precision: str, decoder: str, artifacts: Path,
                  checkpoint: str | Path | None, s: BenchSettings) -> dict:  # fmt: skip
-    """One backend x precision x decoder column, loaded and measured start to finish."""
-    rss_at_start = rss_mb()  # the interpreter and imports; the process is this column's alone
+    """One round of one backend x precision x decoder column, loaded and measured in this process."""
+    rss_at_start = rss_mb()  # the interpreter and imports; the process is this round's alone
     if backend == "torch":
         target = torch_target(Path(checkpoint), s.image, s.prompt, s.answer_tokens, s.threads)
     else:
         target = runtime_target(Path(artifacts), backend, precision, s.image, s.prompt,
                                 s.answer_tokens, s.threads, decoder)  # fmt: skip
-    result = bench_target(target, s)
+    result = measure_round(target, s)
     peak = peak_rss_bytes() / 2**20
     return result | {"peak_rss_mb": peak, "rss_at_start_mb": rss_at_start,
                      "peak_rss_scope": "process" if math.isnan(rss_at_start) else "target",

@@ -212,7 +212,27 @@ class TegraStats:
 
         power_w = (mean(self.POWER) or 0) / 1000
         out = {"avg_power_w": power_w, "gr3d_pct": mean(self.GR3D), "emc_pct": mean(self.EMC),
-               "seconds": self.seconds}  # fmt: skip
+               "seconds": self.seconds, "joules": power_w * self.seconds, "tokens": tokens or 0}  # fmt: skip
         if tokens:
-            out["joules_per_token"] = power_w * self.seconds / tokens
+            out["joules_per_token"] = out["joules"] / tokens
         return out
+
+
+def merge_power(parts: list[dict | None]) -> dict | None:
+    """One column's power over all its rounds (``TegraStats.summary`` of each): energy and tokens
+    add up; power and utilisation are averaged over time."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    seconds = sum(p["seconds"] for p in parts)
+
+    def over_time(key: str) -> float | None:
+        timed = [(p[key], p["seconds"]) for p in parts if p.get(key) is not None]
+        return sum(v * t for v, t in timed) / sum(t for _, t in timed) if timed else None
+
+    joules, tokens = sum(p["joules"] for p in parts), sum(p["tokens"] for p in parts)
+    out = {"avg_power_w": joules / seconds, "gr3d_pct": over_time("gr3d_pct"),
+           "emc_pct": over_time("emc_pct"), "seconds": seconds, "joules": joules, "tokens": tokens}  # fmt: skip
+    if tokens:
+        out["joules_per_token"] = joules / tokens
+    return out

@@ -79,9 +79,13 @@ def markdown(out: dict) -> str:
         for r in power:
             p = r["power"]
             lines.append(
-                f"| {_label(r)} | {p['avg_power_w']:.1f} | {p.get('joules_per_token', 0):.3f} | {p['gr3d_pct']} | {p['emc_pct']} |"
+                f"| {_label(r)} | {p['avg_power_w']:.1f} | {p.get('joules_per_token', 0):.3f} | {_pct(p['gr3d_pct'])} | {_pct(p['emc_pct'])} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def plots(out: dict, folder: Path) -> list[Path]:

@@ -27,6 +27,7 @@ def test_bench_writes_json_markdown_and_plots(tiny_artifacts, tiny_checkpoint, t
         # two rounds pooled: 2 decode steps and 2 whole answers (3 // 2 rounded up) per round
         assert result["decode"]["16"]["runs"] == 4 and result["end_to_end"]["runs"] == 4
         assert result["stages"]["vision"]["runs"] == 2
+        assert result["rounds"] == 2  # each in a process of its own
         # the peak is this target's (the 512 MB bandwidth probe before it peaks above 1.5 GB)
         assert result["peak_rss_scope"] == "target"
         assert result["rss_at_start_mb"] < result["peak_rss_mb"] < 1500, result["peak_rss_mb"]
@@ -73,3 +74,21 @@ def test_steady_allocator_reaches_child_processes_and_keeps_the_users_setting(mo
     assert seen.split() == [STEADY_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"], "12345"]
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # put back as it was
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"
+
+
+def test_power_of_a_column_adds_energy_and_tokens_over_its_rounds():
+    from benchmarks.machine import TegraStats, merge_power
+
+    rounds = []
+    for mw, gr3d, seconds, tokens in ((10_000, 50, 2.0, 40), (20_000, 90, 1.0, 10)):
+        stats = TegraStats()
+        stats.available, stats.seconds = True, seconds
+        stats.samples = [f"RAM 1/2MB EMC_FREQ 30% GR3D_FREQ {gr3d}% VDD_IN {mw}mW/{mw}mW"] * 3
+        rounds.append(stats.summary(tokens))
+    assert rounds[0]["joules_per_token"] == 10.0 * 2.0 / 40
+    merged = merge_power(rounds + [None])
+    assert merged["joules"] == 40.0 and merged["tokens"] == 50
+    assert merged["joules_per_token"] == 40.0 / 50
+    assert merged["avg_power_w"] == 40.0 / 3.0  # time-weighted, not the mean of 10 W and 20 W
+    assert merged["gr3d_pct"] == (50 * 2 + 90 * 1) / 3 and merged["emc_pct"] == 30
+    assert merge_power([None, None]) is None
