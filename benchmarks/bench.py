@@ -158,7 +158,8 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
     """``decoders``: which decoder graphs the onnxruntime backend runs (``auto``, ``gqa``,
     ``portable``; several give one column each). ``min_seconds``: each stage and decode context
     is sampled at least this long (more runs for short stages, for p50s that hold from run to
-    run). ``rounds``: passes over all figures of a target that its samples are spread across."""
+    run). ``rounds``: fresh processes per column, taking turns with the other columns; each p50
+    pools the samples of all of a column's rounds."""
     if rounds < 1:
         raise FilaError(f"--rounds must be at least 1 (got {rounds})")
     if "torch" in backends and checkpoint is None:

@@ -346,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime")
     p.add_argument("--min-seconds", type=float, default=0.0, help="sample each stage and decode "
                    "context at least this long (more runs for short stages: steadier p50s)")  # fmt: skip
-    p.add_argument("--rounds", type=int, default=5, help="passes over every figure of a target; "
-                   "each p50 pools samples from all of them (steady on a shared machine)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=5, help="fresh processes per column, the columns "
+                   "taking turns; each p50 pools all rounds (steady on a shared machine)")  # fmt: skip
     p.add_argument("--decoders", default="auto", help="onnxruntime decoder graph(s): auto, gqa, "
                    "portable, or gqa,portable for one column each")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results/latest")
