@@ -74,8 +74,8 @@ def measure_round(target, s: BenchSettings) -> dict:
             decode_s[str(ctx)] = decode_samples(prepare, step, s.warmup, s.decode_steps, seconds)
         e2e = sample(lambda: tokens.append(target.end_to_end()), 1,
                      -(-end_to_end_runs(s.runs) // s.rounds))  # fmt: skip
-    # Jetson power is sampled over the whole round: energy per token counts every token
-    # generated in it (decode steps and whole answers; the warm-ups' too)
+    # Jetson power is sampled over the whole round, warm-ups included, and divided by the tokens
+    # of its timed decode steps and whole answers (warm-up answer included): an upper bound
     generated = sum(tokens) + sum(len(x) for x in decode_s.values())
     return {"backend": target.backend, "precision": target.precision,
             "decoder_stage": target.decoder_stage, "stage_s": stage_s, "decode_s": decode_s,

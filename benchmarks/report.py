@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from benchmarks.targets import STAGE_GROUPS
@@ -161,4 +162,10 @@ def compare(a_path: str | Path, b_path: str | Path, tolerance: float = 0.10) -> 
         worst = max(change)
         lines += ["", f"{within} of {len(rows)} p50 figures within {tolerance:.0%} of A; "
                       f"largest change {worst[0]:.1%} ({worst[1]}, {worst[2]})"]  # fmt: skip
+        # a shared machine running a whole run faster or slower moves every figure together: the
+        # median ratio shows that drift, and the spread around it what is left to the figures
+        drift = statistics.median(y / x for _, _, x, y in rows)
+        apart = max(abs(y / x / drift - 1) for _, _, x, y in rows)
+        lines.append(f"median B/A {drift:.3f} (the whole run's drift); every figure within "
+                     f"{apart:.1%} of that median")  # fmt: skip
     return "\n".join(lines) + "\n"

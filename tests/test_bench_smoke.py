@@ -59,6 +59,10 @@ def test_compare_counts_figures_outside_the_tolerance(tmp_path):
     assert (
         "2 of 3 p50 figures within 10% of A; largest change 20.0% (torch fp32, decode@128)" in text
     )
+    # ratios 1.05, 1.2, 0.95: the median 1.05 is the run's drift; 1.2 is 14.3 % above it
+    assert (
+        "median B/A 1.050 (the whole run's drift); every figure within 14.3% of that median" in text
+    )
 
 
 def test_steady_allocator_reaches_child_processes_and_keeps_the_users_setting(monkeypatch):
