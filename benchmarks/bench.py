@@ -28,7 +28,7 @@ from benchmarks.machine import (
     steady_allocator,
 )
 from benchmarks.stats import sample, summarize
-from benchmarks.targets import STAGE_GROUPS, runtime_target, torch_target
+from benchmarks.targets import STAGE_GROUPS, decode_weight_bytes, runtime_target, torch_target
 from runtime.errors import FilaError
 from runtime.generate import DecoderShape
 
@@ -80,34 +80,34 @@ def measure_round(target, s: BenchSettings) -> dict:
     return {"backend": target.backend, "precision": target.precision,
             "decoder_stage": target.decoder_stage, "stage_s": stage_s, "decode_s": decode_s,
             "end_to_end_s": e2e, "answer_tokens": tokens[-1], "power": power.summary(generated),
-            "gpu_peak_mb": gpu_peak_mb(target.backend), "sizes_bytes": target.sizes,
-            "decode_weight_bytes": target.weight_bytes}  # fmt: skip
+            "gpu_peak_mb": gpu_peak_mb(target.backend), "sizes_bytes": target.sizes}  # fmt: skip
 
 
-def column_result(rounds: list[dict], s: BenchSettings) -> dict:
+def column_result(rounds: list[dict], s: BenchSettings, weight_bytes: int) -> dict:
     """One column's figures: each p50 pools the samples of all its rounds, so a slow spell of the
     machine or one process's bad luck (memory placement, allocator state) moves it a little."""
     first = rounds[0]
     result = {k: first[k] for k in ("backend", "precision", "decoder_stage", "answer_tokens",
-                                     "sizes_bytes", "decode_weight_bytes", "allocator_env")}  # fmt: skip
+                                     "sizes_bytes", "allocator_env")}  # fmt: skip
+    result["decode_weight_bytes"] = weight_bytes
     result["rounds"] = len(rounds)
-    stages = {g: summarize([x for r in rounds for x in r["stage_s"][g]]) for g in first["stage_s"]}
+    stages = {g: summarize(pooled(rounds, "stage_s", g)) for g in first["stage_s"]}
     result["stages"] = stages
     result["ttft_ms"] = sum(
         stages[g]["p50_ms"] for g in ("preprocess", "vision", "prefill") if g in stages
     )
     result["decode"] = {}
     for ctx in first["decode_s"]:
-        figures = summarize([x for r in rounds for x in r["decode_s"][ctx]])
+        figures = summarize(pooled(rounds, "decode_s", ctx))
         tok_s = 1000 / figures["p50_ms"]
-        bytes_per_token = first["decode_weight_bytes"] + s.kv_bytes_per_pos * int(ctx)
+        bytes_per_token = weight_bytes + s.kv_bytes_per_pos * int(ctx)
         result["decode"][ctx] = figures | {
             "tokens_per_s": tok_s,
             "bytes_per_token": bytes_per_token,
             "achieved_gb_s": bytes_per_token * tok_s / 1e9,
             "roofline_ratio": bytes_per_token * tok_s / s.bandwidth,
         }
-    result["end_to_end"] = summarize([x for r in rounds for x in r["end_to_end_s"]]) | {
+    result["end_to_end"] = summarize(pooled(rounds, "end_to_end_s")) | {
         "answer_tokens": first["answer_tokens"]
     }
     result["power"] = merge_power([r["power"] for r in rounds])
@@ -117,6 +117,11 @@ def column_result(rounds: list[dict], s: BenchSettings) -> dict:
     top = max(rounds, key=lambda r: r["peak_rss_mb"])
     result |= {k: top[k] for k in ("peak_rss_mb", "rss_at_start_mb", "peak_rss_scope")}
     return result
+
+
+def pooled(rounds: list[dict], key: str, name: str | None = None) -> list[float]:
+    """One figure's samples from every round (``round[key]``, or ``round[key][name]``)."""
+    return [x for r in rounds for x in (r[key] if name is None else r[key][name])]
 
 
 def end_to_end_runs(runs: int) -> int:
@@ -203,7 +208,8 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
            "artifacts": str(artifacts), "image": str(settings.image), "prompt": prompt,
            "settings": settings.sampling(),
            "model": {"preset_text": manifest.model["text"], "vision": manifest.model["vision"]},
-           "results": [column_result(rounds_of[c], settings) for c in columns]}  # fmt: skip
+           "results": [column_result(rounds_of[c], settings, decode_weight_bytes(manifest, *c))
+                       for c in columns]}  # fmt: skip
     add_speedups(out)
     return out
 

@@ -126,10 +126,7 @@ class GqaDecoderStage(nn.Module):
         self.rotate = apply_rotary_pos_emb
         self.lm = model.language_model
         text = model.config.text
-        shape = DecoderShape.from_text_config(text)
-        self.num_layers = shape.num_layers
-        self.kv_heads = shape.kv_heads
-        self.head_dim = shape.head_dim
+        self.shape = DecoderShape.from_text_config(text)
         self.heads = text["num_attention_heads"]
 
     def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, *past):
@@ -138,17 +135,21 @@ class GqaDecoderStage(nn.Module):
         hidden = inputs_embeds
         cos, sin = body.rotary_emb(hidden, position_ids)
         present = []
-        for i, layer in enumerate(body.layers[: self.num_layers]):
+        for i, layer in enumerate(body.layers[: self.shape.num_layers]):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = attn.q_proj(x).view(batch, seq, self.heads, self.shape.head_dim).transpose(1, 2)
+            k = (
+                attn.k_proj(x)
+                .view(batch, seq, self.shape.kv_heads, self.shape.head_dim)
+                .transpose(1, 2)
+            )
             q, k = self.rotate(q, k, cos, sin)
             out, key, value = torch.ops.fila.group_query_attention(
                 q.transpose(1, 2).reshape(batch, seq, -1),
                 k.transpose(1, 2).reshape(batch, seq, -1),
                 attn.v_proj(x), past[2 * i], past[2 * i + 1], seqlens_k, total_sequence_length,
-                self.heads, self.kv_heads, float(attn.scaling),
+                self.heads, self.shape.kv_heads, float(attn.scaling),
             )  # fmt: skip
             hidden = hidden + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -155,12 +155,6 @@ class DecoderStage(nn.Module):
 
 
 # --- the specs -------------------------------------------------------------------------------
-def kv_shape(config: FilaConfig) -> tuple[int, int]:
-    """(KV heads, head dim) of the decoder's cache tensors."""
-    shape = DecoderShape.from_text_config(config.text)
-    return shape.kv_heads, shape.head_dim
-
-
 def vision_axes(config: FilaConfig) -> dict[str, AxisRange]:
     """Tile count and grid ranges over every canvas the preprocessing can choose."""
     grids = preprocess_config(config).grid_shapes()
@@ -233,8 +227,8 @@ def stage_specs(
         [TensorSpec("inputs_embeds", "float32", ("batch", "seq", d_text))],
         decoder_axes(config, max_context, max_batch), EmbedStage, "token ids -> embeddings",
     )  # fmt: skip
-    kv_heads, head_dim = kv_shape(config)
-    layers = config.text["num_hidden_layers"]
+    shape = DecoderShape.from_text_config(config.text)
+    kv_heads, head_dim, layers = shape.kv_heads, shape.head_dim, shape.num_layers
     past = [TensorSpec(f"past.{i}.{kv}", "float32", ("past", "batch", kv_heads, head_dim))
             for i in range(layers) for kv in ("key", "value")]  # fmt: skip
     present = [TensorSpec(f"present.{i}.{kv}", "float32", ("seq", "batch", kv_heads, head_dim))
@@ -256,8 +250,8 @@ def gqa_decoder_spec(config: FilaConfig, max_context: int) -> StageSpec:
     """The ONNX Runtime decoder (``fila_export.gqa_decoder``): one shared cache buffer per layer,
     (1, kv_heads, total, head_dim), read and written in place; ``total`` is its length. Batch 1:
     ORT's kernel takes multi-token steps after a prefix (chunked prefill) only for one row."""
-    kv_heads, head_dim = kv_shape(config)
-    layers = config.text["num_hidden_layers"]
+    shape = DecoderShape.from_text_config(config.text)
+    kv_heads, head_dim, layers = shape.kv_heads, shape.head_dim, shape.num_layers
     cache = (1, kv_heads, "total", head_dim)
     axes = decoder_axes(config, max_context, 1)
     del axes["past"], axes["batch"]

@@ -135,11 +135,12 @@ def stage_feeds(model, config, image, prompt_ids: list[int]) -> dict[str, dict[s
 
 def decoder_feeds(model, config, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
     """A decode step after a real prefill: past from the prompt, one new position."""
-    from fila_export.stages import DecoderStage, kv_shape
+    from fila_export.stages import DecoderStage
+    from runtime.generate import DecoderShape
 
     dec = DecoderStage(model).eval()
-    kv_heads, head_dim = kv_shape(config)
-    layers = config.text["num_hidden_layers"]
+    shape = DecoderShape.from_text_config(config.text)
+    kv_heads, head_dim, layers = shape.kv_heads, shape.head_dim, shape.num_layers
     seq = embeds.shape[1]
     empty = [torch.zeros(0, 1, kv_heads, head_dim) for _ in range(2 * layers)]
     with torch.no_grad():
