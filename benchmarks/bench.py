@@ -53,8 +53,16 @@ class BenchSettings:
 
     def sampling(self) -> dict:
         """The settings as the results file records them."""
-        keys = ("warmup", "runs", "contexts", "decode_steps", "answer_tokens", "threads",
-                "min_seconds", "rounds")  # fmt: skip
+        keys = (
+            "warmup",
+            "runs",
+            "contexts",
+            "decode_steps",
+            "answer_tokens",
+            "threads",
+            "min_seconds",
+            "rounds",
+        )
         return {k: getattr(self, k) for k in keys} | {"contexts": list(self.contexts)}
 
 
@@ -66,29 +74,49 @@ def measure_round(target, s: BenchSettings) -> dict:
     seconds = s.min_seconds / s.rounds
     tokens: list[int] = []
     with TegraStats() as power:
-        stage_s = {g: sample(lambda fns=fns: [fn() for fn in fns], s.warmup, per_round, seconds)
-                   for g, fns in groups.items()}  # fmt: skip
+        stage_s = {
+            g: sample(lambda fns=fns: [fn() for fn in fns], s.warmup, per_round, seconds)
+            for g, fns in groups.items()
+        }
         decode_s = {}
         for ctx in s.contexts:
             prepare, step = target.decode_at(ctx, s.decode_steps + s.warmup)
             decode_s[str(ctx)] = decode_samples(prepare, step, s.warmup, s.decode_steps, seconds)
-        e2e = sample(lambda: tokens.append(target.end_to_end()), 1,
-                     -(-end_to_end_runs(s.runs) // s.rounds))  # fmt: skip
+        e2e = sample(
+            lambda: tokens.append(target.end_to_end()), 1, -(-end_to_end_runs(s.runs) // s.rounds)
+        )
     # Jetson power is sampled over the whole round, warm-ups included, and divided by the tokens
     # of its timed decode steps and whole answers (warm-up answer included): an upper bound
     generated = sum(tokens) + sum(len(x) for x in decode_s.values())
-    return {"backend": target.backend, "precision": target.precision,
-            "decoder_stage": target.decoder_stage, "stage_s": stage_s, "decode_s": decode_s,
-            "end_to_end_s": e2e, "answer_tokens": tokens[-1], "power": power.summary(generated),
-            "gpu_peak_mb": gpu_peak_mb(target.backend), "sizes_bytes": target.sizes}  # fmt: skip
+    return {
+        "backend": target.backend,
+        "precision": target.precision,
+        "decoder_stage": target.decoder_stage,
+        "stage_s": stage_s,
+        "decode_s": decode_s,
+        "end_to_end_s": e2e,
+        "answer_tokens": tokens[-1],
+        "power": power.summary(generated),
+        "gpu_peak_mb": gpu_peak_mb(target.backend),
+        "sizes_bytes": target.sizes,
+    }
 
 
 def column_result(rounds: list[dict], s: BenchSettings, weight_bytes: int) -> dict:
     """One column's figures: each p50 pools the samples of all its rounds, so a slow spell of the
     machine or one process's bad luck (memory placement, allocator state) moves it a little."""
     first = rounds[0]
-    result = {k: first[k] for k in ("backend", "precision", "decoder_stage", "answer_tokens",
-                                     "sizes_bytes", "allocator_env")}  # fmt: skip
+    result = {
+        k: first[k]
+        for k in (
+            "backend",
+            "precision",
+            "decoder_stage",
+            "answer_tokens",
+            "sizes_bytes",
+            "allocator_env",
+        )
+    }
     result["decode_weight_bytes"] = weight_bytes
     result["rounds"] = len(rounds)
     stages = {g: summarize(pooled(rounds, "stage_s", g)) for g in first["stage_s"]}
@@ -154,12 +182,23 @@ def gpu_peak_mb(backend: str) -> float | None:
     return None
 
 
-def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Sequence[str],
-              precisions: Sequence[str], images: str | Path | None = None,
-              contexts: Sequence[int] = (128, 512, 2048), warmup: int = 3, runs: int = 20,
-              decode_steps: int = 32, answer_tokens: int = 32, threads: int | None = None,
-              prompt: str = "Describe the image.", decoders: Sequence[str] = ("auto",),
-              min_seconds: float = 0.0, rounds: int = 5) -> dict:  # fmt: skip
+def run_bench(
+    artifacts: str | Path,
+    checkpoint: str | Path | None,
+    backends: Sequence[str],
+    precisions: Sequence[str],
+    images: str | Path | None = None,
+    contexts: Sequence[int] = (128, 512, 2048),
+    warmup: int = 3,
+    runs: int = 20,
+    decode_steps: int = 32,
+    answer_tokens: int = 32,
+    threads: int | None = None,
+    prompt: str = "Describe the image.",
+    decoders: Sequence[str] = ("auto",),
+    min_seconds: float = 0.0,
+    rounds: int = 5,
+) -> dict:
     """``decoders``: which decoder graphs the onnxruntime backend runs (``auto``, ``gqa``,
     ``portable``; several give one column each). ``min_seconds``: each stage and decode context
     is sampled at least this long (more runs for short stages, for p50s that hold from run to
@@ -179,15 +218,27 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
     )
     bw = measure_bandwidth(threads=threads)
     settings = BenchSettings(
-        image=find_images(images)[0], prompt=prompt, answer_tokens=answer_tokens, threads=threads,
-        warmup=warmup, runs=runs, decode_steps=decode_steps, min_seconds=min_seconds,
-        rounds=rounds, bandwidth=bw["best"],
+        image=find_images(images)[0],
+        prompt=prompt,
+        answer_tokens=answer_tokens,
+        threads=threads,
+        warmup=warmup,
+        runs=runs,
+        decode_steps=decode_steps,
+        min_seconds=min_seconds,
+        rounds=rounds,
+        bandwidth=bw["best"],
         contexts=tuple(c for c in contexts if c + decode_steps + warmup < max_ctx),
-        kv_bytes_per_pos=DecoderShape.from_text_config(manifest.model["text"]).kv_bytes_per_position(),
-    )  # fmt: skip
-    columns = [(b, p, d) for b in backends
-               for p in (["fp32"] if b == "torch" else precisions)
-               for d in (decoders if b == "onnxruntime" else ["auto"])]  # fmt: skip
+        kv_bytes_per_pos=DecoderShape.from_text_config(
+            manifest.model["text"]
+        ).kv_bytes_per_position(),
+    )
+    columns = [
+        (b, p, d)
+        for b in backends
+        for p in (["fp32"] if b == "torch" else precisions)
+        for d in (decoders if b == "onnxruntime" else ["auto"])
+    ]
     spawn = multiprocessing.get_context("spawn")
     rounds_of: dict[tuple, list[dict]] = {c: [] for c in columns}
     # every round of every column in a fresh process, the columns taking turns round by round: a
@@ -199,35 +250,66 @@ def run_bench(artifacts: str | Path, checkpoint: str | Path | None, backends: Se
             for column in columns:
                 t0 = time.perf_counter()
                 with spawn.Pool(1) as pool:
-                    rounds_of[column].append(pool.apply(bench_column, (*column, artifacts,
-                                                                       checkpoint, settings)))  # fmt: skip
-                print(f"round {r + 1}/{rounds}: {' '.join(column)} "
-                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
-    out = {"machine": machine_info() | {"measured_bandwidth_gb_s": bw["best"] / 1e9,
-                                        "bandwidth_gb_s": {k: v / 1e9 for k, v in bw.items()}},
-           "artifacts": str(artifacts), "image": str(settings.image), "prompt": prompt,
-           "settings": settings.sampling(),
-           "model": {"preset_text": manifest.model["text"], "vision": manifest.model["vision"]},
-           "results": [column_result(rounds_of[c], settings, decode_weight_bytes(manifest, *c))
-                       for c in columns]}  # fmt: skip
+                    rounds_of[column].append(
+                        pool.apply(bench_column, (*column, artifacts, checkpoint, settings))
+                    )
+                print(
+                    f"round {r + 1}/{rounds}: {' '.join(column)} "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    out = {
+        "machine": machine_info()
+        | {
+            "measured_bandwidth_gb_s": bw["best"] / 1e9,
+            "bandwidth_gb_s": {k: v / 1e9 for k, v in bw.items()},
+        },
+        "artifacts": str(artifacts),
+        "image": str(settings.image),
+        "prompt": prompt,
+        "settings": settings.sampling(),
+        "model": {"preset_text": manifest.model["text"], "vision": manifest.model["vision"]},
+        "results": [
+            column_result(rounds_of[c], settings, decode_weight_bytes(manifest, *c))
+            for c in columns
+        ],
+    }
     add_speedups(out)
     return out
 
 
-def bench_column(backend: str, precision: str, decoder: str, artifacts: Path,
-                 checkpoint: str | Path | None, s: BenchSettings) -> dict:  # fmt: skip
+def bench_column(
+    backend: str,
+    precision: str,
+    decoder: str,
+    artifacts: Path,
+    checkpoint: str | Path | None,
+    s: BenchSettings,
+) -> dict:
     """One round of one backend x precision x decoder column, loaded and measured in this process."""
     rss_at_start = rss_mb()  # the interpreter and imports; the process is this round's alone
     if backend == "torch":
         target = torch_target(Path(checkpoint), s.image, s.prompt, s.answer_tokens, s.threads)
     else:
-        target = runtime_target(Path(artifacts), backend, precision, s.image, s.prompt,
-                                s.answer_tokens, s.threads, decoder)  # fmt: skip
+        target = runtime_target(
+            Path(artifacts),
+            backend,
+            precision,
+            s.image,
+            s.prompt,
+            s.answer_tokens,
+            s.threads,
+            decoder,
+        )
     result = measure_round(target, s)
     peak = peak_rss_bytes() / 2**20
-    return result | {"peak_rss_mb": peak, "rss_at_start_mb": rss_at_start,
-                     "peak_rss_scope": "process" if math.isnan(rss_at_start) else "target",
-                     "allocator_env": {k: os.environ.get(k) for k in STEADY_MALLOC_ENV}}  # fmt: skip
+    return result | {
+        "peak_rss_mb": peak,
+        "rss_at_start_mb": rss_at_start,
+        "peak_rss_scope": "process" if math.isnan(rss_at_start) else "target",
+        "allocator_env": {k: os.environ.get(k) for k in STEADY_MALLOC_ENV},
+    }
 
 
 def add_speedups(out: dict) -> None:
@@ -237,9 +319,12 @@ def add_speedups(out: dict) -> None:
     for r in out["results"]:
         r["speedup_vs_torch"] = {
             "end_to_end": base["end_to_end"]["p50_ms"] / r["end_to_end"]["p50_ms"],
-            **{g: base["stages"][g]["p50_ms"] / r["stages"][g]["p50_ms"]
-               for g in r["stages"] if g in base["stages"]},
-        }  # fmt: skip
+            **{
+                g: base["stages"][g]["p50_ms"] / r["stages"][g]["p50_ms"]
+                for g in r["stages"]
+                if g in base["stages"]
+            },
+        }
 
 
 def save(out: dict, folder: str | Path) -> list[Path]:

@@ -68,26 +68,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     precisions = ["fp32", args.precision]
     stage = choose_decoder(manifest, "onnxruntime")
-    runners = {q: make_runner("onnxruntime", manifest.stage_path(stage, q), stage, **opts)
-               for q in precisions}  # fmt: skip
+    runners = {
+        q: make_runner("onnxruntime", manifest.stage_path(stage, q), stage, **opts)
+        for q in precisions
+    }
     rates: dict[str, list[float]] = {q: [] for q in precisions}
     for _ in range(args.rounds):
         for q in precisions:
-            rates[q].append(decode_rate(runners[q], embed, manifest, args.context, args.steps,
-                                        args.warmup))  # fmt: skip
-    result = {"context": args.context, "steps": args.steps, "rounds": args.rounds,
-              "threads": args.threads, "variants": {}}  # fmt: skip
+            rates[q].append(
+                decode_rate(runners[q], embed, manifest, args.context, args.steps, args.warmup)
+            )
+    result = {
+        "context": args.context,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "variants": {},
+    }
     for q in precisions:
         size = file_size(manifest.stage_path(stage, q))
         med = statistics.median(rates[q])
         result["variants"][q] = {"tokens_per_s": med, "all_rounds": rates[q], "bytes": size}
-        print(f"{stage} {q:>4}: {med:7.2f} tokens/s (rounds: "
-              f"{', '.join(f'{r:.2f}' for r in rates[q])}), {size / 1e6:8.1f} MB")  # fmt: skip
+        print(
+            f"{stage} {q:>4}: {med:7.2f} tokens/s (rounds: "
+            f"{', '.join(f'{r:.2f}' for r in rates[q])}), {size / 1e6:8.1f} MB"
+        )
     fp32, quant = result["variants"]["fp32"], result["variants"][args.precision]
     result["speedup"] = quant["tokens_per_s"] / fp32["tokens_per_s"]
     result["size_ratio"] = fp32["bytes"] / quant["bytes"]
-    print(f"{args.precision} vs fp32 at context {args.context}: {result['speedup']:.2f}x tokens/s, "
-          f"{result['size_ratio']:.2f}x smaller")  # fmt: skip
+    print(
+        f"{args.precision} vs fp32 at context {args.context}: {result['speedup']:.2f}x tokens/s, "
+        f"{result['size_ratio']:.2f}x smaller"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -52,13 +52,16 @@ def machine_info() -> dict:
                 "transformers",
                 "numpy",
             )
-        },  # fmt: skip
+        },
         "gpu": None,
         "jetson": None,
     }
     if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
         info["gpu"] = out.stdout.strip() or None
     tegra = Path("/etc/nv_tegra_release")
     if tegra.is_file():
@@ -69,8 +72,9 @@ def machine_info() -> dict:
     return info
 
 
-def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 5,
-                      threads: int | None = None) -> dict[str, float]:  # fmt: skip
+def measure_bandwidth(
+    nbytes: int = 512 << 20, repeats: int = 5, threads: int | None = None
+) -> dict[str, float]:
     """Host memory bandwidth in bytes/s, two ways, best of ``repeats``: a large array copy
     (read + write, one thread) and a matrix-vector product in ONNX Runtime with the benchmark's
     intra-op ``threads`` (read only: the access pattern and thread count of a decode step, so the
@@ -96,11 +100,12 @@ def _gemv_read(nbytes: int, repeats: int, threads: int | None) -> float:
     rows = 4096
     weight = np.ones((rows, nbytes // 4 // rows), dtype=np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "gemv",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])],
         [numpy_helper.from_array(weight, "w")],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     opts = ort.SessionOptions()
     if threads:
@@ -185,8 +190,11 @@ class TegraStats:
 
     def __enter__(self):
         if self.available:
-            self.proc = subprocess.Popen(["tegrastats", "--interval", str(self.interval_ms)],
-                                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                ["tegrastats", "--interval", str(self.interval_ms)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             self.thread = threading.Thread(target=self._read, daemon=True)
             self.thread.start()
         self.start = time.perf_counter()
@@ -211,8 +219,14 @@ class TegraStats:
             return sum(vals) / len(vals) if vals else None
 
         power_w = (mean(self.POWER) or 0) / 1000
-        out = {"avg_power_w": power_w, "gr3d_pct": mean(self.GR3D), "emc_pct": mean(self.EMC),
-               "seconds": self.seconds, "joules": power_w * self.seconds, "tokens": tokens or 0}  # fmt: skip
+        out = {
+            "avg_power_w": power_w,
+            "gr3d_pct": mean(self.GR3D),
+            "emc_pct": mean(self.EMC),
+            "seconds": self.seconds,
+            "joules": power_w * self.seconds,
+            "tokens": tokens or 0,
+        }
         if tokens:
             out["joules_per_token"] = out["joules"] / tokens
         return out
@@ -231,8 +245,14 @@ def merge_power(parts: list[dict | None]) -> dict | None:
         return sum(v * t for v, t in timed) / sum(t for _, t in timed) if timed else None
 
     joules, tokens = sum(p["joules"] for p in parts), sum(p["tokens"] for p in parts)
-    out = {"avg_power_w": joules / seconds, "gr3d_pct": over_time("gr3d_pct"),
-           "emc_pct": over_time("emc_pct"), "seconds": seconds, "joules": joules, "tokens": tokens}  # fmt: skip
+    out = {
+        "avg_power_w": joules / seconds,
+        "gr3d_pct": over_time("gr3d_pct"),
+        "emc_pct": over_time("emc_pct"),
+        "seconds": seconds,
+        "joules": joules,
+        "tokens": tokens,
+    }
     if tokens:
         out["joules_per_token"] = joules / tokens
     return out

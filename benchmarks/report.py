@@ -43,9 +43,13 @@ def markdown(out: dict) -> str:
             s = r["stages"].get(g)
             cells.append(f"{s['p50_ms']:.2f} ({s['p90_ms']:.2f} / {s['p99_ms']:.2f})" if s else "-")
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    lines += ["", "## Request level", "",
-              "| | " + " | ".join(_label(r) for r in out["results"]) + " |",
-              "|---|" + "---|" * len(out["results"])]  # fmt: skip
+    lines += [
+        "",
+        "## Request level",
+        "",
+        "| | " + " | ".join(_label(r) for r in out["results"]) + " |",
+        "|---|" + "---|" * len(out["results"]),
+    ]
     rows = {
         "time to first token (ms)": lambda r: f"{r['ttft_ms']:.1f}",
         "end-to-end p50 (ms, fixed answer)": lambda r: (
@@ -66,8 +70,11 @@ def markdown(out: dict) -> str:
         )
     for name, fn in rows.items():
         lines.append(f"| {name} | " + " | ".join(fn(r) for r in out["results"]) + " |")
-    lines += ["", "Roofline: bytes read per decode token (weights + KV at that context) x tokens/s, "
-              "divided by the measured memory bandwidth."]  # fmt: skip
+    lines += [
+        "",
+        "Roofline: bytes read per decode token (weights + KV at that context) x tokens/s, "
+        "divided by the measured memory bandwidth.",
+    ]
     power = [r for r in out["results"] if r.get("power")]
     if power:
         lines += [
@@ -110,17 +117,22 @@ def plots(out: dict, folder: Path) -> list[Path]:
     def throughput(ax):
         for r, label in zip(results, labels, strict=True):
             ctxs = sorted(int(c) for c in r["decode"])
-            ax.plot(ctxs, [r["decode"][str(c)]["tokens_per_s"] for c in ctxs], marker="o",
-                    label=label)  # fmt: skip
+            ax.plot(
+                ctxs, [r["decode"][str(c)]["tokens_per_s"] for c in ctxs], marker="o", label=label
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("decode tokens/s")
 
     figures = [
-        ("latency_per_stage.png", (8, 4.5), stacked,
-         "Latency per stage (vision = fused graph; one decode step)"),
+        (
+            "latency_per_stage.png",
+            (8, 4.5),
+            stacked,
+            "Latency per stage (vision = fused graph; one decode step)",
+        ),
         ("decode_vs_context.png", (7, 4.5), throughput, "Decode throughput vs context"),
-    ]  # fmt: skip
+    ]
     paths = []
     for name, size, draw, title in figures:
         fig, ax = plt.subplots(figsize=size)
@@ -153,19 +165,28 @@ def compare(a_path: str | Path, b_path: str | Path, tolerance: float = 0.10) -> 
         rows.append(
             (_label(r), "end_to_end", base["end_to_end"]["p50_ms"], r["end_to_end"]["p50_ms"])
         )
-    lines = [f"# {b_path} vs {a_path} (ratio of p50 ms, B/A)", "",
-             "| target | stage | A ms | B ms | B/A |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# {b_path} vs {a_path} (ratio of p50 ms, B/A)",
+        "",
+        "| target | stage | A ms | B ms | B/A |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {t} | {g} | {x:.2f} | {y:.2f} | {y / x:.3f} |" for t, g, x, y in rows]
     if rows:
         change = [(abs(y / x - 1), t, g) for t, g, x, y in rows]
         within = sum(c <= tolerance for c, _, _ in change)
         worst = max(change)
-        lines += ["", f"{within} of {len(rows)} p50 figures within {tolerance:.0%} of A; "
-                      f"largest change {worst[0]:.1%} ({worst[1]}, {worst[2]})"]  # fmt: skip
+        lines += [
+            "",
+            f"{within} of {len(rows)} p50 figures within {tolerance:.0%} of A; "
+            f"largest change {worst[0]:.1%} ({worst[1]}, {worst[2]})",
+        ]
         # a shared machine running a whole run faster or slower moves every figure together: the
         # median ratio shows that drift, and the spread around it what is left to the figures
         drift = statistics.median(y / x for _, _, x, y in rows)
         apart = max(abs(y / x / drift - 1) for _, _, x, y in rows)
-        lines.append(f"median B/A {drift:.3f} (the whole run's drift); every figure within "
-                     f"{apart:.1%} of that median")  # fmt: skip
+        lines.append(
+            f"median B/A {drift:.3f} (the whole run's drift); every figure within "
+            f"{apart:.1%} of that median"
+        )
     return "\n".join(lines) + "\n"

@@ -10,12 +10,18 @@ import numpy as np
 
 def summarize(seconds: list[float]) -> dict[str, float]:
     a = np.asarray(seconds) * 1000
-    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
-            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "runs": len(a)}  # fmt: skip
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "runs": len(a),
+    }
 
 
-def sample(fn: Callable[[], object], warmup: int, runs: int,
-           min_seconds: float = 0.0) -> list[float]:  # fmt: skip
+def sample(
+    fn: Callable[[], object], warmup: int, runs: int, min_seconds: float = 0.0
+) -> list[float]:
     """Seconds of at least ``runs`` timed calls, and more until ``min_seconds`` have been sampled
     (at most 50 x ``runs``): a 25 ms stage then gets a p50 over seconds, not over half a second,
     so the figure does not move with a moment's noise on a shared machine."""

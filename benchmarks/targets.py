@@ -37,8 +37,16 @@ class Target:
     decoder_stage: str = "decoder"  # which decoder graph ran (decoder_gqa on ONNX Runtime)
 
 
-def runtime_target(artifacts: Path, backend: str, precision: str, image_path: Path, prompt: str,
-                   answer_tokens: int, threads: int | None, decoder: str = "auto") -> Target:  # fmt: skip
+def runtime_target(
+    artifacts: Path,
+    backend: str,
+    precision: str,
+    image_path: Path,
+    prompt: str,
+    answer_tokens: int,
+    threads: int | None,
+    decoder: str = "auto",
+) -> Target:
     from runtime.pipeline import (
         FilaPipeline,
         load_runners,
@@ -47,8 +55,9 @@ def runtime_target(artifacts: Path, backend: str, precision: str, image_path: Pa
     )
 
     opts = {"threads": threads} if threads and backend == "onnxruntime" else {}
-    fused = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision,
-                                        decoder=decoder, **opts)  # fmt: skip
+    fused = FilaPipeline.from_artifacts(
+        artifacts, backend=backend, precision=precision, decoder=decoder, **opts
+    )
     # the modular chain's stages are timed one by one; the decoder is loaded once (in ``fused``)
     manifest = fused.manifest
     modular = load_runners(manifest, modular_vision_stages(manifest), backend, precision, **opts)
@@ -158,8 +167,9 @@ def onnx_weight_bytes(path: Path) -> int:
     return total
 
 
-def torch_target(checkpoint: Path, image_path: Path, prompt: str, answer_tokens: int,
-                 threads: int | None) -> Target:  # fmt: skip
+def torch_target(
+    checkpoint: Path, image_path: Path, prompt: str, answer_tokens: int, threads: int | None
+) -> Target:
     """PyTorch eager: the reference model, transformers' generate and cache."""
     import torch
 
@@ -199,8 +209,13 @@ def torch_target(checkpoint: Path, image_path: Path, prompt: str, answer_tokens:
     if maps:
         t.stages["convnext"] = [wrap(lambda: vision.convnext_maps(model.convnext, gv))]
     segs = vision.vit_segments(config)
-    t.stages["vit"] = [wrap(lambda: vision.run_vit_layers(model.vision_tower,
-                                                          vision.vit_embed(model.vision_tower, pv), *segs[0]))]  # fmt: skip
+    t.stages["vit"] = [
+        wrap(
+            lambda: vision.run_vit_layers(
+                model.vision_tower, vision.vit_embed(model.vision_tower, pv), *segs[0]
+            )
+        )
+    ]
     for k, (s, e) in enumerate(segs[1:], 1):
         if e > s:
             t.stages["vit"].append(
@@ -218,8 +233,13 @@ def torch_target(checkpoint: Path, image_path: Path, prompt: str, answer_tokens:
                 )
             )
         )
-    t.stages["projector"] = [wrap(lambda: model.multi_modal_projector(
-        vision.select_features(last, config.vision_feature_select_strategy)))]  # fmt: skip
+    t.stages["projector"] = [
+        wrap(
+            lambda: model.multi_modal_projector(
+                vision.select_features(last, config.vision_feature_select_strategy)
+            )
+        )
+    ]
     _, ids, feats = ref.prepare([image_path], prompt)
     with nograd():
         embeds = model.embed(torch.tensor([ids]), feats)
@@ -240,8 +260,12 @@ def torch_target(checkpoint: Path, image_path: Path, prompt: str, answer_tokens:
 
         def step():
             with nograd():
-                out = lm(inputs_embeds=step_embed, cache=state["cache"], use_cache=True,
-                         position_ids=torch.tensor([[state["pos"]]]))  # fmt: skip
+                out = lm(
+                    inputs_embeds=step_embed,
+                    cache=state["cache"],
+                    use_cache=True,
+                    position_ids=torch.tensor([[state["pos"]]]),
+                )
                 state["cache"] = out.cache
                 state["pos"] += 1
                 return out.logits
@@ -255,9 +279,11 @@ def torch_target(checkpoint: Path, image_path: Path, prompt: str, answer_tokens:
         with nograd():
             _, ids2, feats2 = ref.prepare([image_path], prompt)
             out = model.generate(
-                torch.tensor([ids2]), feats2, max_new_tokens=answer_tokens,
+                torch.tensor([ids2]),
+                feats2,
+                max_new_tokens=answer_tokens,
                 min_new_tokens=answer_tokens,
-            )  # fmt: skip
+            )
         return out.shape[1]
 
     t.end_to_end = end_to_end

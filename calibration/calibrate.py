@@ -48,19 +48,31 @@ from calibration.report import (
 from runtime.manifest import Manifest, file_entry
 
 QUANT_SCHEME = {
-    "int8": {"activations": "int8 symmetric per-tensor (zero point 0)",
-             "weights": "int8 symmetric per-channel (output-channel axis)",
-             "format": "QDQ", "kept_fp32": "all ops but Conv/MatMul/Gemm"},
+    "int8": {
+        "activations": "int8 symmetric per-tensor (zero point 0)",
+        "weights": "int8 symmetric per-channel (output-channel axis)",
+        "format": "QDQ",
+        "kept_fp32": "all ops but Conv/MatMul/Gemm",
+    },
     # accuracy_level 4: MatMulNBits multiplies with int8-quantized activations (per block), the
     # fast CPU kernels; level 0 keeps fp32 activations (w8 at level 0 is slower than fp32 on CPU)
-    "w8": {"weights": "int8 block-wise symmetric (block 32), MatMulNBits",
-           "activations": "fp32", "format": "com.microsoft MatMulNBits"},
-    "w4": {"weights": "int4 block-wise symmetric (block 32), MatMulNBits",
-           "activations": "fp32", "format": "com.microsoft MatMulNBits"},
-    "w4-qdq": {"weights": "int4 block-wise symmetric (block 32, scale > 0, zero point 0)",
-               "activations": "fp16 (W4A16; fp32 when the export has no fp16 decoder)", "format": "QDQ: DequantizeLinear(block_size) -> MatMul, "
-                                                 "opset 21 (TensorRT INT4 weight-only)"},
-}  # fmt: skip
+    "w8": {
+        "weights": "int8 block-wise symmetric (block 32), MatMulNBits",
+        "activations": "fp32",
+        "format": "com.microsoft MatMulNBits",
+    },
+    "w4": {
+        "weights": "int4 block-wise symmetric (block 32), MatMulNBits",
+        "activations": "fp32",
+        "format": "com.microsoft MatMulNBits",
+    },
+    "w4-qdq": {
+        "weights": "int4 block-wise symmetric (block 32, scale > 0, zero point 0)",
+        "activations": "fp16 (W4A16; fp32 when the export has no fp16 decoder)",
+        "format": "QDQ: DequantizeLinear(block_size) -> MatMul, "
+        "opset 21 (TensorRT INT4 weight-only)",
+    },
+}
 
 
 def parse_llm(text: str | Sequence[str] | None) -> list[str]:
@@ -72,14 +84,26 @@ def parse_llm(text: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def calibrate(artifacts: str | Path, images: str | Path, method: str = "minmax",
-              num_calib: int = 32, num_eval: int = 8, gate_cosine: float = 0.99, seed: int = 0,
-              llm: str | Sequence[str] | None = ("w8", "w4"), max_excluded: int = 16,
-              stages: Sequence[str] | None = None, prompts: str | Path | None = None,
-              tokens: int = 16, e2e_images: int = 3, rank_images: int = 1,
-              llm_accuracy_level: int = 4, threads: int | None = None,
-              questions: str | Path | None = None,
-              log: Callable[[str], None] | None = None) -> CalibrationReport:  # fmt: skip
+def calibrate(
+    artifacts: str | Path,
+    images: str | Path,
+    method: str = "minmax",
+    num_calib: int = 32,
+    num_eval: int = 8,
+    gate_cosine: float = 0.99,
+    seed: int = 0,
+    llm: str | Sequence[str] | None = ("w8", "w4"),
+    max_excluded: int = 16,
+    stages: Sequence[str] | None = None,
+    prompts: str | Path | None = None,
+    tokens: int = 16,
+    e2e_images: int = 3,
+    rank_images: int = 1,
+    llm_accuracy_level: int = 4,
+    threads: int | None = None,
+    questions: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> CalibrationReport:
     """Quantize the vision stages (int8) and the decoder (w8/w4) of an export; returns the report
     (also written as calibration_report.md/.json into the export). ``questions`` (a JSONL of
     image, question, answer) adds exact-match task accuracy of fp32 and every variant mix."""
@@ -104,10 +128,13 @@ def calibrate(artifacts: str | Path, images: str | Path, method: str = "minmax",
             )
         names = [s for s in names if s in stages]
     split = split_images(images, num_calib, num_eval, seed, prompts)
-    say(f"{len(split.calibration)} calibration / {len(split.held_out)} held-out image(s)"
-        + (f", {len(split.skipped)} unreadable skipped" if split.skipped else ""))  # fmt: skip
-    report = CalibrationReport(str(folder), method, gate_cosine, seed, max_excluded,
-                               split.to_dict())  # fmt: skip
+    say(
+        f"{len(split.calibration)} calibration / {len(split.held_out)} held-out image(s)"
+        + (f", {len(split.skipped)} unreadable skipped" if split.skipped else "")
+    )
+    report = CalibrationReport(
+        str(folder), method, gate_cosine, seed, max_excluded, split.to_dict()
+    )
     eval_hash = hash_images(split.held_out)
     store = ActivationStore()
     work = store.root / "graphs"
@@ -122,26 +149,51 @@ def calibrate(artifacts: str | Path, images: str | Path, method: str = "minmax",
         results: dict[str, StageQuantization] = {}
         for name in names:
             res = quantize_vision_stage(
-                manifest.stage_path(name), work / f"{name}.int8.onnx", store, name, method,
-                gate_cosine, max_excluded, rank_images, threads, store.root, say,
-            )  # fmt: skip
+                manifest.stage_path(name),
+                work / f"{name}.int8.onnx",
+                store,
+                name,
+                method,
+                gate_cosine,
+                max_excluded,
+                rank_images,
+                threads,
+                store.root,
+                say,
+            )
             results[name] = res
             if res.message:
                 report.messages.append(res.message)
-            report.stages.append(StageRow(
-                name, "int8", f"{name}.int8.onnx", file_size(res.file),
-                file_size(manifest.stage_path(name)), res.metrics, res.validated,
-                f"cosine >= {gate_cosine}", res.excluded, res.candidates, res.quantized,
-                res.full_metrics.cosine if res.full_metrics else None, res.trials, res.message,
-                res.layout_problems,
-            ))  # fmt: skip
+            report.stages.append(
+                StageRow(
+                    name,
+                    "int8",
+                    f"{name}.int8.onnx",
+                    file_size(res.file),
+                    file_size(manifest.stage_path(name)),
+                    res.metrics,
+                    res.validated,
+                    f"cosine >= {gate_cosine}",
+                    res.excluded,
+                    res.candidates,
+                    res.quantized,
+                    res.full_metrics.cosine if res.full_metrics else None,
+                    res.trials,
+                    res.message,
+                    res.layout_problems,
+                )
+            )
             entries[(name, "int8")] = {
-                "precision": "int8", "method": method,
+                "precision": "int8",
+                "method": method,
                 "calibration_set_sha256": split.calibration_set_sha256,
-                "evaluation_set_sha256": eval_hash, "excluded_layers": res.excluded,
-                "accuracy": _accuracy(res.metrics), "validated": res.validated,
-                "gate": {"cosine": gate_cosine}, "scheme": QUANT_SCHEME["int8"],
-            }  # fmt: skip
+                "evaluation_set_sha256": eval_hash,
+                "excluded_layers": res.excluded,
+                "accuracy": _accuracy(res.metrics),
+                "validated": res.validated,
+                "gate": {"cosine": gate_cosine},
+                "scheme": QUANT_SCHEME["int8"],
+            }
         chain = [s for s in manifest.data.get("vision_chain", []) if s in manifest.stages]
         limit = min(e2e_images, len(split.held_out))
         if chain and all(s in results for s in chain) and "vision" in manifest.stages:
@@ -152,8 +204,9 @@ def calibrate(artifacts: str | Path, images: str | Path, method: str = "minmax",
         for precision in llm_list:
             say(f"{llm} {precision}")
             path = work / f"{llm}.{precision}.onnx"
-            quantize_decoder(manifest.stage_path(llm), path, precision,
-                             accuracy_level=llm_accuracy_level)  # fmt: skip
+            quantize_decoder(
+                manifest.stage_path(llm), path, precision, accuracy_level=llm_accuracy_level
+            )
             decoder_files[precision] = path
         trt_files = {}
         if "w4" in llm_list and llm != "decoder":  # the portable graph: TensorRT's INT4 WoQ form
@@ -163,24 +216,45 @@ def calibrate(artifacts: str | Path, images: str | Path, method: str = "minmax",
             base = "fp16" if "fp16" in manifest.stage("decoder")["variants"] else "fp32"
             quantize_decoder_int4_qdq(manifest.stage_path("decoder", base), trt_files["w4"])
         if limit and (decoder_files or results.get("vision")):
-            _end_to_end(manifest, split, store, results, decoder_files, report, tokens, limit,
-                        threads, say, trt_files)  # fmt: skip
+            _end_to_end(
+                manifest,
+                split,
+                store,
+                results,
+                decoder_files,
+                report,
+                tokens,
+                limit,
+                threads,
+                say,
+                trt_files,
+            )
         for row in report.decoder:
             qdq = row.stage == "decoder" and row.stage != llm
-            scheme = QUANT_SCHEME["w4-qdq"] if qdq else (
-                QUANT_SCHEME[row.precision] | {"accuracy_level": llm_accuracy_level})  # fmt: skip
+            scheme = (
+                QUANT_SCHEME["w4-qdq"]
+                if qdq
+                else (QUANT_SCHEME[row.precision] | {"accuracy_level": llm_accuracy_level})
+            )
             entries[(row.stage, row.precision)] = {
-                "precision": row.precision, "method": "rtn-block32-symmetric",
-                "calibration_set_sha256": None, "evaluation_set_sha256": eval_hash,
-                "excluded_layers": [], "accuracy": _accuracy(row.metrics),
+                "precision": row.precision,
+                "method": "rtn-block32-symmetric",
+                "calibration_set_sha256": None,
+                "evaluation_set_sha256": eval_hash,
+                "excluded_layers": [],
+                "accuracy": _accuracy(row.metrics),
                 "validated": row.validated,
-                "gate": {"rel_l2": DECODER_TOLERANCES[row.precision]}, "scheme": scheme,
-            }  # fmt: skip
+                "gate": {"rel_l2": DECODER_TOLERANCES[row.precision]},
+                "scheme": scheme,
+            }
         if not report.decoder:  # no held-out run (no images to compare on): still record them
             made = [(llm, p) for p in decoder_files] + [("decoder", p) for p in trt_files]
             for stage, precision in made:
-                entries[(stage, precision)] = {"precision": precision, "validated": False,
-                                               "method": "rtn-block32-symmetric"}  # fmt: skip
+                entries[(stage, precision)] = {
+                    "precision": precision,
+                    "validated": False,
+                    "method": "rtn-block32-symmetric",
+                }
         report.fp32_bytes = _pipeline_bytes(manifest, {})
         _commit(folder, work, entries)
     finally:
@@ -193,9 +267,13 @@ def calibrate(artifacts: str | Path, images: str | Path, method: str = "minmax",
 
 
 def _accuracy(m) -> dict:
-    return {"cosine": round(m.cosine, 6), "sqnr_db": round(m.sqnr_db, 3),
-            "rel_l2": round(m.rel_l2, 6), "min_image_cosine": round(m.min_image_cosine, 6),
-            "images": m.images}  # fmt: skip
+    return {
+        "cosine": round(m.cosine, 6),
+        "sqnr_db": round(m.sqnr_db, 3),
+        "rel_l2": round(m.rel_l2, 6),
+        "min_image_cosine": round(m.min_image_cosine, 6),
+        "images": m.images,
+    }
 
 
 def _chain_accuracy(chain, results, store, limit, threads):
@@ -227,8 +305,19 @@ def _chain_accuracy(chain, results, store, limit, threads):
     return acc.result()
 
 
-def _end_to_end(manifest, split, store, results, decoder_files, report, tokens, limit, threads,
-                say, trt_files=None) -> None:  # fmt: skip
+def _end_to_end(
+    manifest,
+    split,
+    store,
+    results,
+    decoder_files,
+    report,
+    tokens,
+    limit,
+    threads,
+    say,
+    trt_files=None,
+) -> None:
     """Greedy tokens and first logits of every variant against fp32 on held-out images.
     ``trt_files``: Q/DQ weight-only variants of the portable decoder (made for TensorRT), run
     here with ONNX Runtime to measure what they do to the numbers."""
@@ -281,33 +370,69 @@ def _end_to_end(manifest, split, store, results, decoder_files, report, tokens, 
         m = decoder_accuracy(logits_by["fp32"], logits_by[key])
         tol = DECODER_TOLERANCES[precision]
         ok = m.rel_l2 <= tol
-        msg = "" if ok else (f"{stage} {precision}: logits rel L2 {m.rel_l2:.3f} > {tol} (cosine "
-                             f"{m.cosine:.5f}); written with validated: false")  # fmt: skip
+        msg = (
+            ""
+            if ok
+            else (
+                f"{stage} {precision}: logits rel L2 {m.rel_l2:.3f} > {tol} (cosine "
+                f"{m.cosine:.5f}); written with validated: false"
+            )
+        )
         if msg:
             report.messages.append(msg)
-        report.decoder.append(StageRow(
-            stage, precision, path.name, file_size(path),
-            file_size(manifest.stage_path(stage)), m, ok, f"rel L2 <= {tol}", message=msg,
-        ))  # fmt: skip
+        report.decoder.append(
+            StageRow(
+                stage,
+                precision,
+                path.name,
+                file_size(path),
+                file_size(manifest.stage_path(stage)),
+                m,
+                ok,
+                f"rel L2 <= {tol}",
+                message=msg,
+            )
+        )
     reference = tokens_by[("fp32", "fp32")]
-    files = {"vision": results["vision"].file if "vision" in results else None, **decoder_files,
-             **{f"trt-{p}": path for p, path in trt_files.items()}}  # fmt: skip
+    files = {
+        "vision": results["vision"].file if "vision" in results else None,
+        **decoder_files,
+        **{f"trt-{p}": path for p, path in trt_files.items()},
+    }
     for v, d in configs:
         portable = d.startswith("trt-")
         precision = d[4:] if portable else d
-        spec = ",".join(x for x in (f"vision={v}" if v != "fp32" else "",
-                                    f"decoder={precision}" if precision != "fp32" else "") if x)  # fmt: skip
+        spec = ",".join(
+            x
+            for x in (
+                f"vision={v}" if v != "fp32" else "",
+                f"decoder={precision}" if precision != "fp32" else "",
+            )
+            if x
+        )
         label = f"{spec} (TensorRT Q/DQ graph, run on ONNX Runtime)" if portable else spec
-        report.end_to_end.append(AgreementRow(
-            label, limit, tokens, **agreement(reference, tokens_by[(v, d)], tokens),
-            bytes=_pipeline_bytes(manifest, {"vision": files["vision"] if v == "int8" else None,
-                                             "decoder": files.get(d) if d != "fp32" else None}),
-            precision=spec, decoder="portable" if portable else "auto",
-        ))  # fmt: skip
+        report.end_to_end.append(
+            AgreementRow(
+                label,
+                limit,
+                tokens,
+                **agreement(reference, tokens_by[(v, d)], tokens),
+                bytes=_pipeline_bytes(
+                    manifest,
+                    {
+                        "vision": files["vision"] if v == "int8" else None,
+                        "decoder": files.get(d) if d != "fp32" else None,
+                    },
+                ),
+                precision=spec,
+                decoder="portable" if portable else "auto",
+            )
+        )
 
 
-def _task_accuracy(folder: Path, questions, report: CalibrationReport, tokens: int, threads,
-                   say) -> None:  # fmt: skip
+def _task_accuracy(
+    folder: Path, questions, report: CalibrationReport, tokens: int, threads, say
+) -> None:
     """Answers of the fp32 export and of each variant mix in the report, scored by exact match."""
     import warnings
 
@@ -328,8 +453,9 @@ def _task_accuracy(folder: Path, questions, report: CalibrationReport, tokens: i
         answers = pipeline_answers(pipe, records, tokens)
         reference = reference or answers
         same = sum(a == b for a, b in zip(answers, reference, strict=True))
-        report.answers.append({"config": label, **exact_match(records, answers),
-                               "same_as_fp32": same})  # fmt: skip
+        report.answers.append(
+            {"config": label, **exact_match(records, answers), "same_as_fp32": same}
+        )
 
 
 def _pipeline_bytes(manifest: Manifest, replaced: dict[str, Path | None]) -> int:

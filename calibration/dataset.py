@@ -133,8 +133,13 @@ def load_prompts(path: str | Path | None, root: Path) -> tuple[dict[str, str], l
     return per_image, pool
 
 
-def split_images(folder: str | Path, num_calib: int, num_eval: int = 8, seed: int = 0,
-                 prompts: str | Path | None = None) -> CalibrationSplit:  # fmt: skip
+def split_images(
+    folder: str | Path,
+    num_calib: int,
+    num_eval: int = 8,
+    seed: int = 0,
+    prompts: str | Path | None = None,
+) -> CalibrationSplit:
     """Readable images of ``folder`` split with ``seed`` into calibration and held-out sets.
 
     Unreadable files are skipped and counted (an error only if none remain). The held-out set is
@@ -179,8 +184,10 @@ def split_images(folder: str | Path, num_calib: int, num_eval: int = 8, seed: in
     if not held:
         held = list(calib)
         if num_eval > 0:
-            notes.append("no images left for a held-out set; accuracy is measured on the "
-                         "calibration images (optimistic)")  # fmt: skip
+            notes.append(
+                "no images left for a held-out set; accuracy is measured on the "
+                "calibration images (optimistic)"
+            )
 
     def record(path: Path, index: int) -> ImageRecord:
         prompt = per_image.get(str(path.resolve()))
@@ -194,8 +201,11 @@ def split_images(folder: str | Path, num_calib: int, num_eval: int = 8, seed: in
     return CalibrationSplit(
         calibration=[record(p, position[p]) for p in calib],
         held_out=[record(p, position[p]) for p in held],
-        skipped=skipped, requested=num_calib, seed=seed, notes=notes,
-    )  # fmt: skip
+        skipped=skipped,
+        requested=num_calib,
+        seed=seed,
+        notes=notes,
+    )
 
 
 # --- stage inputs from the fp32 upstream stages ------------------------------------------------
@@ -251,9 +261,14 @@ def vision_stages(manifest: Manifest) -> list[str]:
     return chain + (["vision"] if "vision" in manifest.stages else [])
 
 
-def collect_stage_data(manifest: Manifest, split: CalibrationSplit, store: ActivationStore,
-                       stages: Sequence[str] | None = None, threads: int | None = None,
-                       progress=None) -> ActivationStore:  # fmt: skip
+def collect_stage_data(
+    manifest: Manifest,
+    split: CalibrationSplit,
+    store: ActivationStore,
+    stages: Sequence[str] | None = None,
+    threads: int | None = None,
+    progress=None,
+) -> ActivationStore:
     """Run every image through preprocessing and the fp32 vision stages, storing what each stage
     takes and gives. ``stages`` limits which stages are recorded (all vision stages by default);
     upstream stages still run when a later one needs their output."""
@@ -347,8 +362,12 @@ def make_document(seed: int, size: tuple[int, int] | None = None) -> Image.Image
     accent = tuple(int(v) for v in rng.integers(40, 200, 3))
     margin = int(w * rng.uniform(0.04, 0.08))
     y = margin
-    draw.text((margin, y), _sentence(rng, int(rng.integers(2, 5))).upper(), fill=accent,
-              font=_font(int(h * 0.04)))  # fmt: skip
+    draw.text(
+        (margin, y),
+        _sentence(rng, int(rng.integers(2, 5))).upper(),
+        fill=accent,
+        font=_font(int(h * 0.04)),
+    )
     y += int(h * 0.07)
     body = _font(int(rng.integers(12, 20)))
     while y < h * 0.4:
@@ -366,9 +385,11 @@ def make_document(seed: int, size: tuple[int, int] | None = None) -> Image.Image
         draw.line([(left + c * cell_w, top), (left + c * cell_w, top + rows * cell_h)], fill=ink)
     for r in range(rows):
         for c in range(cols):
-            text = WORDS[int(rng.integers(len(WORDS)))] if r == 0 or c == 0 else (
-                f"{rng.uniform(0, 10_000):,.2f}"
-            )  # fmt: skip
+            text = (
+                WORDS[int(rng.integers(len(WORDS)))]
+                if r == 0 or c == 0
+                else (f"{rng.uniform(0, 10_000):,.2f}")
+            )
             draw.text((left + c * cell_w + 4, top + r * cell_h + 4), text, fill=ink, font=small)
     y = top + rows * cell_h + 20
     # small print straddling the tile cuts (halves and thirds of either side)
@@ -385,8 +406,10 @@ def make_document(seed: int, size: tuple[int, int] | None = None) -> Image.Image
     x0, y0 = int(w * 0.62), int(h * 0.08)
     for i in range(5):
         bar = int(rng.integers(10, int(h * 0.15)))
-        draw.rectangle([x0 + i * 18, y0 + int(h * 0.15) - bar, x0 + i * 18 + 12, y0 + int(h * 0.15)],
-                       fill=accent)  # fmt: skip
+        draw.rectangle(
+            [x0 + i * 18, y0 + int(h * 0.15) - bar, x0 + i * 18 + 12, y0 + int(h * 0.15)],
+            fill=accent,
+        )
     return image
 
 

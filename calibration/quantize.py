@@ -121,8 +121,14 @@ def session(model, threads: int | None = None):
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
-def evaluate(sess, store: ActivationStore, stage: str, part: str = "eval",
-             limit: int | None = None, extra_feeds: dict | None = None) -> Metrics:  # fmt: skip
+def evaluate(
+    sess,
+    store: ActivationStore,
+    stage: str,
+    part: str = "eval",
+    limit: int | None = None,
+    extra_feeds: dict | None = None,
+) -> Metrics:
     """Accuracy of a session's outputs against the stored fp32 outputs of ``stage``."""
     names = [o.name for o in sess.get_outputs()]
     acc = MetricAccumulator()
@@ -145,8 +151,10 @@ class StoreReader:
 
     def set_range(self, start_index: int, end_index: int) -> None:
         """Read images ``start_index`` to ``end_index`` (onnxruntime's strided calibration)."""
-        self._it = (self.store.get(self.part, i, self.stage)[0]
-                    for i in range(start_index, min(end_index, len(self))))  # fmt: skip
+        self._it = (
+            self.store.get(self.part, i, self.stage)[0]
+            for i in range(start_index, min(end_index, len(self)))
+        )
 
     def get_next(self) -> dict | None:
         return next(self._it, None)
@@ -186,8 +194,11 @@ def qdq_options(method: str, percentile: float = PERCENTILE) -> dict:
 def calibration_method(method: str):
     from onnxruntime.quantization import CalibrationMethod
 
-    table = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-             "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    table = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     if method not in table:
         raise CalibrationError(f"unknown calibration method {method!r}; use {', '.join(METHODS)}")
     return table[method]
@@ -211,8 +222,16 @@ def candidate_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANT_OPS]
 
 
-def quantize_qdq(model, out: Path, store: ActivationStore, stage: str, method: str,
-                 exclude: Sequence[str], cache: Path, percentile: float = PERCENTILE):  # fmt: skip
+def quantize_qdq(
+    model,
+    out: Path,
+    store: ActivationStore,
+    stage: str,
+    method: str,
+    exclude: Sequence[str],
+    cache: Path,
+    percentile: float = PERCENTILE,
+):
     """Q/DQ int8 graph of ``model`` (fp32 ModelProto) written to ``out``; returns the ModelProto.
 
     Ranges come from ``cache`` when it exists (written by the first call for the stage)."""
@@ -225,13 +244,21 @@ def quantize_qdq(model, out: Path, store: ActivationStore, stage: str, method: s
     tmp = out.with_name(out.name + ".partial")
     with quiet_logs():  # quantize_static logs a pre-processing hint through the root logger
         quantize_static(
-            work, tmp, StoreReader(store, stage), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANT_OPS), per_channel=True, reduce_range=False,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(exclude), use_external_data_format=big,
+            work,
+            tmp,
+            StoreReader(store, stage),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANT_OPS),
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(exclude),
+            use_external_data_format=big,
             calibrate_method=calibration_method(method),
-            extra_options=qdq_options(method, percentile), calibration_cache_path=cache,
-        )  # fmt: skip
+            extra_options=qdq_options(method, percentile),
+            calibration_cache_path=cache,
+        )
     qmodel = onnx.load(str(tmp), load_external_data=True)
     restore_float_consumers(qmodel, set(exclude))
     save_model(qmodel, out)
@@ -247,8 +274,14 @@ def save_model(model, path: Path) -> list[Path]:
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     if model.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data.name, size_threshold=1024)  # fmt: skip
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
         return [path, data]
     onnx.save(model, str(path))
     return [path]
@@ -304,8 +337,12 @@ def _drop_dead_qdq(model) -> None:
     graph = model.graph
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in used for o in n.output)]  # fmt: skip
+        dead = [
+            n
+            for n in graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+            and not any(o in used for o in n.output)
+        ]
         if not dead:
             break
         for n in dead:
@@ -319,8 +356,11 @@ def _drop_dead_qdq(model) -> None:
 def quantized_nodes(qmodel) -> set[str]:
     """Nodes of a Q/DQ graph that read at least one dequantized input."""
     dq_out = {n.output[0] for n in qmodel.graph.node if n.op_type == "DequantizeLinear"}
-    return {n.name for n in qmodel.graph.node
-            if n.op_type in QUANT_OPS and any(i in dq_out for i in n.input)}  # fmt: skip
+    return {
+        n.name
+        for n in qmodel.graph.node
+        if n.op_type in QUANT_OPS and any(i in dq_out for i in n.input)
+    }
 
 
 def qdq_parameters(qmodel) -> dict[str, np.ndarray]:
@@ -364,8 +404,9 @@ def check_trt_layout(qmodel) -> list[str]:
                         trans_b = next((a.i for a in user.attribute if a.name == "transB"), 0)
                         want = 0 if trans_b else 1
                     if axis != want:
-                        problems.append(f"{n.name}: per-channel axis {axis}, {user.op_type} "
-                                        f"needs {want}")  # fmt: skip
+                        problems.append(
+                            f"{n.name}: per-channel axis {axis}, {user.op_type} needs {want}"
+                        )
     return problems
 
 
@@ -402,8 +443,11 @@ class GateSim:
                     graph.initializer.append(fp32_inits[float_name])
                     have.add(float_name)
                 out = f"{inp}.{gate}"
-                new_nodes.append(helper.make_node("Where", [gate, inp, float_name], [out],
-                                                  name=f"Where.{gate}.{i}"))  # fmt: skip
+                new_nodes.append(
+                    helper.make_node(
+                        "Where", [gate, inp, float_name], [out], name=f"Where.{gate}.{i}"
+                    )
+                )
                 node.input[i] = out
         # keep topological order: each Where goes right before its consumer
         order = list(graph.node)
@@ -418,8 +462,9 @@ class GateSim:
         on = set(enabled)
         return {gate: np.array(name in on) for name, gate in self.gates.items()}
 
-    def evaluate(self, store: ActivationStore, stage: str, enabled: Iterable[str],
-                 limit: int | None = None) -> Metrics:  # fmt: skip
+    def evaluate(
+        self, store: ActivationStore, stage: str, enabled: Iterable[str], limit: int | None = None
+    ) -> Metrics:
         return evaluate(self.session, store, stage, "eval", limit, self.feeds(enabled))
 
 
@@ -441,11 +486,19 @@ class StageQuantization:
     layout_problems: list[str] = field(default_factory=list)
 
 
-def quantize_vision_stage(fp32_path: Path, out: Path, store: ActivationStore, stage: str,
-                          method: str = "minmax", gate_cosine: float = 0.99,
-                          max_excluded: int = 16, rank_images: int = 1,
-                          threads: int | None = None, workdir: Path | None = None,
-                          log=None) -> StageQuantization:  # fmt: skip
+def quantize_vision_stage(
+    fp32_path: Path,
+    out: Path,
+    store: ActivationStore,
+    stage: str,
+    method: str = "minmax",
+    gate_cosine: float = 0.99,
+    max_excluded: int = 16,
+    rank_images: int = 1,
+    threads: int | None = None,
+    workdir: Path | None = None,
+    log=None,
+) -> StageQuantization:
     """Quantize one vision stage, excluding the most damaging nodes until it meets its gate."""
     say = log or (lambda msg: None)
     workdir = Path(workdir or store.root)
@@ -458,8 +511,18 @@ def quantize_vision_stage(fp32_path: Path, out: Path, store: ActivationStore, st
     qmodel = quantize_qdq(model, out, store, stage, method, [], cache)
     full = evaluate(session(out, threads), store, stage)
     say(f"{stage}: all {len(cands)} candidate node(s) int8: cosine {full.cosine:.5f}")
-    result = StageQuantization(stage, out, method, [], full, gate_cosine, full.cosine >= gate_cosine,
-                               len(cands), len(quantized_nodes(qmodel)), full)  # fmt: skip
+    result = StageQuantization(
+        stage,
+        out,
+        method,
+        [],
+        full,
+        gate_cosine,
+        full.cosine >= gate_cosine,
+        len(cands),
+        len(quantized_nodes(qmodel)),
+        full,
+    )
     if result.validated:
         result.layout_problems = check_trt_layout(qmodel)
         return result
@@ -537,8 +600,9 @@ def quantize_vision_stage(fp32_path: Path, out: Path, store: ActivationStore, st
 LLM_PRECISIONS = {"w8": 8, "w4": 4}
 
 
-def quantize_decoder(fp32_path: Path, out: Path, precision: str, block_size: int = 32,
-                     accuracy_level: int | None = 4) -> list[Path]:  # fmt: skip
+def quantize_decoder(
+    fp32_path: Path, out: Path, precision: str, block_size: int = 32, accuracy_level: int | None = 4
+) -> list[Path]:
     """Block-wise symmetric weight-only quantization of every constant-weight MatMul (LM head
     included) into ``MatMulNBits``; the KV cache stays fp32. ``accuracy_level`` 4 lets the CPU
     kernels quantize activations to int8 per block for the product (2.3x fp32 decode speed for w4
@@ -551,9 +615,14 @@ def quantize_decoder(fp32_path: Path, out: Path, precision: str, block_size: int
         raise CalibrationError(f"unknown LLM precision {precision!r}; use w8 or w4")
     model = onnx.load(str(fp32_path), load_external_data=True)
     with quiet_logs("onnxruntime.quantization.matmul_nbits_quantizer"):
-        quant = MatMulNBitsQuantizer(model, bits=LLM_PRECISIONS[precision], block_size=block_size,
-                                     is_symmetric=True, accuracy_level=accuracy_level,
-                                     op_types_to_quantize=("MatMul",))  # fmt: skip
+        quant = MatMulNBitsQuantizer(
+            model,
+            bits=LLM_PRECISIONS[precision],
+            block_size=block_size,
+            is_symmetric=True,
+            accuracy_level=accuracy_level,
+            op_types_to_quantize=("MatMul",),
+        )
         quant.process()
     qmodel = quant.model.model
     if not any(n.op_type == "MatMulNBits" for n in qmodel.graph.node):
@@ -601,8 +670,16 @@ def quantize_decoder_int4_qdq(fp32_path: Path, out: Path, block_size: int = 32) 
         base = f"{weight.name}.int4"
         graph.initializer.append(numpy_helper.from_array(q.astype(ml_dtypes.int4), base))
         graph.initializer.append(numpy_helper.from_array(scale, f"{base}.scale"))
-        nodes.append(helper.make_node("DequantizeLinear", [base, f"{base}.scale"], [f"{base}.dq"],
-                                      name=f"{node.name}.dq", axis=0, block_size=block_size))  # fmt: skip
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [base, f"{base}.scale"],
+                [f"{base}.dq"],
+                name=f"{node.name}.dq",
+                axis=0,
+                block_size=block_size,
+            )
+        )
         node.input[1] = f"{base}.dq"
         nodes.append(node)
         if users.get(weight.name, 0) == 1:

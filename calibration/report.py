@@ -88,16 +88,23 @@ class CalibrationReport:
 
     def to_dict(self) -> dict:
         return {
-            "artifacts": self.artifacts, "method": self.method, "gate_cosine": self.gate_cosine,
-            "seed": self.seed, "max_excluded": self.max_excluded, "images": self.split,
+            "artifacts": self.artifacts,
+            "method": self.method,
+            "gate_cosine": self.gate_cosine,
+            "seed": self.seed,
+            "max_excluded": self.max_excluded,
+            "images": self.split,
             "stages": [r.to_dict() for r in self.stages],
             "decoder": [r.to_dict() for r in self.decoder],
             "modular_chain_int8": self.modular_chain.to_dict() if self.modular_chain else None,
             "end_to_end": [r.to_dict() for r in self.end_to_end],
-            "fp32_bytes": self.fp32_bytes, "seconds": round(self.seconds, 1),
-            "validated": self.validated, "messages": self.messages,
-            "questions": self.questions, "answer_accuracy": self.answers,
-        }  # fmt: skip
+            "fp32_bytes": self.fp32_bytes,
+            "seconds": round(self.seconds, 1),
+            "validated": self.validated,
+            "messages": self.messages,
+            "questions": self.questions,
+            "answer_accuracy": self.answers,
+        }
 
     def markdown(self) -> str:
         s = self.split
@@ -122,9 +129,12 @@ class CalibrationReport:
             )
         if self.modular_chain:
             m = self.modular_chain
-            lines += ["", f"Modular int8 chain end to end (convnext ... projector, errors "
-                          f"compounding) vs the fused fp32 graph: cosine {m.cosine:.5f}, SQNR "
-                          f"{m.sqnr_db:.1f} dB, rel L2 {m.rel_l2:.2e}"]  # fmt: skip
+            lines += [
+                "",
+                f"Modular int8 chain end to end (convnext ... projector, errors "
+                f"compounding) vs the fused fp32 graph: cosine {m.cosine:.5f}, SQNR "
+                f"{m.sqnr_db:.1f} dB, rel L2 {m.rel_l2:.2e}",
+            ]
         excluded = [(r.stage, r.excluded_layers) for r in self.stages if r.excluded_layers]
         if excluded:
             lines += ["", "Kept in fp32 by the sensitivity pass:"]
@@ -142,19 +152,27 @@ class CalibrationReport:
                 f"| fp32 | 1.000 | 1.000 | {n.tokens:.1f} | {self.fp32_bytes / 1e6:.1f} |",
             ]
             for r in self.end_to_end:
-                lines.append(f"| {r.config} | {r.token_agreement:.3f} | {r.exact_match_rate:.3f} "
-                             f"| {r.mean_first_divergence:.1f} | {r.bytes / 1e6:.1f} "
-                             f"({self.fp32_bytes / max(r.bytes, 1):.2f}x smaller) |")  # fmt: skip
+                lines.append(
+                    f"| {r.config} | {r.token_agreement:.3f} | {r.exact_match_rate:.3f} "
+                    f"| {r.mean_first_divergence:.1f} | {r.bytes / 1e6:.1f} "
+                    f"({self.fp32_bytes / max(r.bytes, 1):.2f}x smaller) |"
+                )
         if self.answers:
-            lines += ["", f"## Task accuracy (exact match) on `{self.questions}`", "",
-                      "| precision | exact match | boundary subset | same answer as fp32 |",
-                      "|---|---|---|---|"]  # fmt: skip
+            lines += [
+                "",
+                f"## Task accuracy (exact match) on `{self.questions}`",
+                "",
+                "| precision | exact match | boundary subset | same answer as fp32 |",
+                "|---|---|---|---|",
+            ]
             for r in self.answers:
                 boundary = (
                     "-" if r["boundary_accuracy"] is None else f"{r['boundary_accuracy']:.1%}"
                 )
-                lines.append(f"| {r['config']} | {r['accuracy']:.1%} ({r['correct']}/{r['n']}) | "
-                             f"{boundary} ({r['n_boundary']}) | {r['same_as_fp32']}/{r['n']} |")  # fmt: skip
+                lines.append(
+                    f"| {r['config']} | {r['accuracy']:.1%} ({r['correct']}/{r['n']}) | "
+                    f"{boundary} ({r['n_boundary']}) | {r['same_as_fp32']}/{r['n']} |"
+                )
         if self.messages:
             lines += ["", *[f"**{m}**" for m in self.messages]]
         lines += ["", f"**{'PASS' if self.validated else 'FAIL'}** ({self.seconds:.0f} s)"]
@@ -190,8 +208,9 @@ def prompt_embeds(pipe, image, features: np.ndarray, prompt: str) -> np.ndarray:
     from runtime.prompt import expand_image_tokens
 
     ids = pipe.prompts.encode(pipe.prompts.format(prompt, num_images=1))
-    count = int(packing_index(image.image_size, image.grid, pipe.preprocess_config.tokens_per_side)
-                .shape[0])  # fmt: skip
+    count = int(
+        packing_index(image.image_size, image.grid, pipe.preprocess_config.tokens_per_side).shape[0]
+    )
     ids = np.asarray([expand_image_tokens(ids, pipe.image_token_id, [count])], dtype=np.int64)
     embeds = pipe.embed(ids)
     embeds[0, ids[0] == pipe.image_token_id] = pipe.pack(features, image)
@@ -205,8 +224,11 @@ def agreement(reference: list[list[int]], got: list[list[int]], tokens: int) -> 
         rates.append(sum(same) / tokens)
         exact.append(all(same))
         first.append(next((i for i, s in enumerate(same) if not s), tokens))
-    return {"token_agreement": float(np.mean(rates)), "exact_match_rate": float(np.mean(exact)),
-            "mean_first_divergence": float(np.mean(first))}  # fmt: skip
+    return {
+        "token_agreement": float(np.mean(rates)),
+        "exact_match_rate": float(np.mean(exact)),
+        "mean_first_divergence": float(np.mean(first)),
+    }
 
 
 def decoder_accuracy(reference_logits: list[np.ndarray], logits: list[np.ndarray]) -> Metrics:

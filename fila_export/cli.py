@@ -61,11 +61,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     stages = [s for part in args.stages or [] for s in part.split(",") if s]
     precisions = ["fp32"] + (["fp16"] if args.precision == "fp16" else [])
-    manifest = export_artifacts(args.checkpoint, args.out, precisions=precisions, stages=stages,
-                                force=args.force, max_context=args.max_context)  # fmt: skip
+    manifest = export_artifacts(
+        args.checkpoint,
+        args.out,
+        precisions=precisions,
+        stages=stages,
+        force=args.force,
+        max_context=args.max_context,
+    )
     total = sum(s["export_seconds"] for s in manifest.stages.values())
-    print(f"exported {len(manifest.stages)} stage(s) ({', '.join(precisions)}) to {args.out} "
-          f"in {total:.1f} s")  # fmt: skip
+    print(
+        f"exported {len(manifest.stages)} stage(s) ({', '.join(precisions)}) to {args.out} "
+        f"in {total:.1f} s"
+    )
     return 0
 
 
@@ -74,9 +82,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     if args.questions:
         return _validate_answers(args)
-    report = validate(args.artifacts, args.checkpoint, args.images, backend=args.backend,
-                      precision=args.precision, tokens=args.tokens,
-                      max_images=args.max_images)  # fmt: skip
+    report = validate(
+        args.artifacts,
+        args.checkpoint,
+        args.images,
+        backend=args.backend,
+        precision=args.precision,
+        tokens=args.tokens,
+        max_images=args.max_images,
+    )
     print(report.markdown())
     if args.json:
         write_json(report, args.json)
@@ -88,10 +102,16 @@ def _validate_answers(args: argparse.Namespace) -> int:
     from fila_export.validate import accuracy_markdown, answer_accuracy
 
     precisions = [p for p in (args.precisions or args.precision).split(",") if p]
-    report = answer_accuracy(args.questions, args.checkpoint, args.artifacts, precisions,
-                             backend=args.backend, max_new_tokens=args.tokens,
-                             limit=args.limit,
-                             **({"threads": args.threads} if args.threads else {}))  # fmt: skip
+    report = answer_accuracy(
+        args.questions,
+        args.checkpoint,
+        args.artifacts,
+        precisions,
+        backend=args.backend,
+        max_new_tokens=args.tokens,
+        limit=args.limit,
+        **({"threads": args.threads} if args.threads else {}),
+    )
     print(accuracy_markdown(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -114,11 +134,15 @@ def cmd_check_trt(args: argparse.Namespace) -> int:
         print(f"not checked (ONNX Runtime only): {', '.join(report.skipped)}")
     if report:
         bad = len({(f.stage, f.precision) for f in report})
-        print(f"{len(report)} finding(s) in {bad} of {len(report.graphs)} graphs ({kinds}): "
-              f"TensorRT {table['tensorrt']} would not build this export as it is")  # fmt: skip
+        print(
+            f"{len(report)} finding(s) in {bad} of {len(report.graphs)} graphs ({kinds}): "
+            f"TensorRT {table['tensorrt']} would not build this export as it is"
+        )
         return 1
-    print(f"OK: {len(report.graphs)} graphs ({kinds}) in {args.artifacts} build with TensorRT "
-          f"{table['tensorrt']} (checked against onnx-tensorrt's operator table, no TensorRT run)")  # fmt: skip
+    print(
+        f"OK: {len(report.graphs)} graphs ({kinds}) in {args.artifacts} build with TensorRT "
+        f"{table['tensorrt']} (checked against onnx-tensorrt's operator table, no TensorRT run)"
+    )
     return 0
 
 
@@ -134,13 +158,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = calibrate(args.artifacts, args.images, method=args.method,
-                           num_calib=args.num_calib, num_eval=args.num_eval,
-                           gate_cosine=args.gate_cosine, seed=args.seed, llm=args.llm,
-                           max_excluded=args.max_excluded, stages=stages, prompts=args.prompts,
-                           tokens=args.tokens, e2e_images=args.e2e_images,
-                           llm_accuracy_level=args.llm_accuracy_level, threads=args.threads,
-                           questions=args.questions, log=None if args.quiet else log)  # fmt: skip
+        report = calibrate(
+            args.artifacts,
+            args.images,
+            method=args.method,
+            num_calib=args.num_calib,
+            num_eval=args.num_eval,
+            gate_cosine=args.gate_cosine,
+            seed=args.seed,
+            llm=args.llm,
+            max_excluded=args.max_excluded,
+            stages=stages,
+            prompts=args.prompts,
+            tokens=args.tokens,
+            e2e_images=args.e2e_images,
+            llm_accuracy_level=args.llm_accuracy_level,
+            threads=args.threads,
+            questions=args.questions,
+            log=None if args.quiet else log,
+        )
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(report.markdown())
@@ -152,20 +188,35 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _sampling(args: argparse.Namespace) -> dict:
-    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-            "seed": args.seed, "repetition_penalty": args.repetition_penalty}  # fmt: skip
+    return {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "repetition_penalty": args.repetition_penalty,
+    }
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from runtime.pipeline import FilaPipeline
 
-    pipe = FilaPipeline.from_artifacts(args.artifacts, backend=args.backend,
-                                       precision=args.precision, decoder=args.decoder,
-                                       **_runner_options(args))  # fmt: skip
+    pipe = FilaPipeline.from_artifacts(
+        args.artifacts,
+        backend=args.backend,
+        precision=args.precision,
+        decoder=args.decoder,
+        **_runner_options(args),
+    )
     stream = None if args.quiet else (lambda piece: print(piece, end="", flush=True))
-    result = pipe.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
-                           raw_prompt=args.raw_prompt, stop=args.stop or (), on_text=stream,
-                           **_sampling(args))  # fmt: skip
+    result = pipe.generate(
+        args.image,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        raw_prompt=args.raw_prompt,
+        stop=args.stop or (),
+        on_text=stream,
+        **_sampling(args),
+    )
     if stream:
         print()
     elif not args.json:
@@ -180,9 +231,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from runtime.errors import FilaError as _FilaError
     from runtime.pipeline import FilaPipeline
 
-    pipe = FilaPipeline.from_artifacts(args.artifacts, backend=args.backend,
-                                       precision=args.precision, decoder=args.decoder,
-                                       **_runner_options(args))  # fmt: skip
+    pipe = FilaPipeline.from_artifacts(
+        args.artifacts,
+        backend=args.backend,
+        precision=args.precision,
+        decoder=args.decoder,
+        **_runner_options(args),
+    )
     history: list[tuple[str, str]] = []
     print("fila chat: type a question, an empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -193,9 +248,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not question.strip():
             break
         try:
-            result = pipe.generate(args.image, question, max_new_tokens=args.max_new_tokens,
-                                   history=history, on_text=lambda p: print(p, end="", flush=True),
-                                   **_sampling(args))  # fmt: skip
+            result = pipe.generate(
+                args.image,
+                question,
+                max_new_tokens=args.max_new_tokens,
+                history=history,
+                on_text=lambda p: print(p, end="", flush=True),
+                **_sampling(args),
+            )
         except _FilaError as exc:  # keep the session alive: report and take the next question
             print(f"error: {exc}", file=sys.stderr)
             continue
@@ -220,8 +280,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.record:
         print(f"wrote {trt_build.record_engines(args.artifacts, args.precision, stages)}")
         return 0
-    info = trt_build.build_engines(args.artifacts, args.precision, stages, args.workspace_mb,
-                                   args.timing_cache)  # fmt: skip
+    info = trt_build.build_engines(
+        args.artifacts, args.precision, stages, args.workspace_mb, args.timing_cache
+    )
     print(f"engines and {info} written")
     return 0
 
@@ -238,12 +299,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     def split(text: str) -> list:
         return [x for x in text.split(",") if x]
 
-    out = bench.run_bench(args.artifacts, args.checkpoint, split(args.backends), split(args.precisions),
-                          images=args.images, contexts=[int(c) for c in split(args.contexts)],
-                          warmup=args.warmup, runs=args.runs, decode_steps=args.decode_steps,
-                          answer_tokens=args.answer_tokens, threads=args.threads,
-                          decoders=split(args.decoders), min_seconds=args.min_seconds,
-                          rounds=args.rounds)  # fmt: skip
+    out = bench.run_bench(
+        args.artifacts,
+        args.checkpoint,
+        split(args.backends),
+        split(args.precisions),
+        images=args.images,
+        contexts=[int(c) for c in split(args.contexts)],
+        warmup=args.warmup,
+        runs=args.runs,
+        decode_steps=args.decode_steps,
+        answer_tokens=args.answer_tokens,
+        threads=args.threads,
+        decoders=split(args.decoders),
+        min_seconds=args.min_seconds,
+        rounds=args.rounds,
+    )
     out["command"] = "fila " + " ".join(sys.argv[1:])
     paths = bench.save(out, args.out)
     print(report.markdown(out))
@@ -273,14 +344,21 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", required=True, help="folder written by fila export")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--precision", default="fp32",
-                   help="stage variants: fp32, fp16, int8, w8, w4; a list (int8,w4: each stage "
-                        "takes the first it has) or per stage (vision=int8,decoder=w4)")  # fmt: skip
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="stage variants: fp32, fp16, int8, w8, w4; a list (int8,w4: each stage "
+        "takes the first it has) or per stage (vision=int8,decoder=w4)",
+    )
     p.add_argument("--providers", help="onnxruntime providers, e.g. cuda,cpu (default: cpu)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
-    p.add_argument("--decoder", choices=["auto", "gqa", "portable"], default="auto",
-                   help="decoder graph: gqa (onnxruntime's in-place GroupQueryAttention), portable "
-                        "(standard ONNX, what TensorRT builds); auto: gqa on onnxruntime")  # fmt: skip
+    p.add_argument(
+        "--decoder",
+        choices=["auto", "gqa", "portable"],
+        default="auto",
+        help="decoder graph: gqa (onnxruntime's in-place GroupQueryAttention), portable "
+        "(standard ONNX, what TensorRT builds); auto: gqa on onnxruntime",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,8 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export every stage to ONNX with a manifest")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                   help="fp16 also writes strongly typed fp16 variants")  # fmt: skip
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="fp16 also writes strongly typed fp16 variants",
+    )
     p.add_argument("--stages", nargs="+", help="only these stages (default: all)")
     p.add_argument("--max-context", type=int, help="decoder context (default: model's, <= 4096)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -326,10 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", help="default: vision, embed, decoder")
     p.add_argument("--workspace-mb", type=int)
     p.add_argument("--timing-cache", help="timing cache file (read and updated)")
-    p.add_argument("--emit-trtexec", metavar="SCRIPT",
-                   help="write an equivalent trtexec shell script instead of building")  # fmt: skip
-    p.add_argument("--record", action="store_true",
-                   help="write build_info.json for plans the trtexec script built")  # fmt: skip
+    p.add_argument(
+        "--emit-trtexec",
+        metavar="SCRIPT",
+        help="write an equivalent trtexec shell script instead of building",
+    )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="write build_info.json for plans the trtexec script built",
+    )
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("bench", help="latency, throughput, memory per stage and backend")
@@ -344,12 +432,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime")
-    p.add_argument("--min-seconds", type=float, default=0.0, help="sample each stage and decode "
-                   "context at least this long (more runs for short stages: steadier p50s)")  # fmt: skip
-    p.add_argument("--rounds", type=int, default=5, help="fresh processes per column, the columns "
-                   "taking turns; each p50 pools all rounds (steady on a shared machine)")  # fmt: skip
-    p.add_argument("--decoders", default="auto", help="onnxruntime decoder graph(s): auto, gqa, "
-                   "portable, or gqa,portable for one column each")  # fmt: skip
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=0.0,
+        help="sample each stage and decode "
+        "context at least this long (more runs for short stages: steadier p50s)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="fresh processes per column, the columns "
+        "taking turns; each p50 pools all rounds (steady on a shared machine)",
+    )
+    p.add_argument(
+        "--decoders",
+        default="auto",
+        help="onnxruntime decoder graph(s): auto, gqa, "
+        "portable, or gqa,portable for one column each",
+    )
     p.add_argument("--out", default="benchmarks/results/latest")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
     p.set_defaults(func=cmd_bench)
@@ -363,8 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens compared per image")
     p.add_argument("--max-images", type=int, default=3)
     p.add_argument("--json", help="also write the report as JSON here")
-    p.add_argument("--questions", help="JSONL of {image, question, answer}: score exact-match "
-                   "answers of PyTorch fp32 and the export instead of stage parity")  # fmt: skip
+    p.add_argument(
+        "--questions",
+        help="JSONL of {image, question, answer}: score exact-match "
+        "answers of PyTorch fp32 and the export instead of stage parity",
+    )
     p.add_argument("--precisions", help="with --questions: e.g. fp32,fp16,int8,w8,w4")
     p.add_argument("--limit", type=int, help="with --questions: only the first N questions")
     p.add_argument("--threads", type=int, help="with --questions: onnxruntime intra-op threads")
@@ -377,19 +482,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax")
     p.add_argument("--num-calib", type=int, default=32, help="calibration images")
     p.add_argument("--num-eval", type=int, default=8, help="held-out images")
-    p.add_argument("--gate-cosine", type=float, default=0.99,
-                   help="per-stage cosine vs fp32 a variant must reach")  # fmt: skip
-    p.add_argument("--max-excluded", type=int, default=16,
-                   help="most nodes per stage the sensitivity pass may keep in fp32")  # fmt: skip
+    p.add_argument(
+        "--gate-cosine",
+        type=float,
+        default=0.99,
+        help="per-stage cosine vs fp32 a variant must reach",
+    )
+    p.add_argument(
+        "--max-excluded",
+        type=int,
+        default=16,
+        help="most nodes per stage the sensitivity pass may keep in fp32",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llm", default="w8,w4", help="decoder variants: w8, w4, w8,w4 or none")
-    p.add_argument("--llm-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
-                   help="MatMulNBits accuracy_level: 4 = int8 activations (fast on CPU), 0 = fp32")  # fmt: skip
+    p.add_argument(
+        "--llm-accuracy-level",
+        type=int,
+        choices=[0, 1, 2, 3, 4],
+        default=4,
+        help="MatMulNBits accuracy_level: 4 = int8 activations (fast on CPU), 0 = fp32",
+    )
     p.add_argument("--stages", nargs="+", help="only these vision stages (default: all)")
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens compared per image")
     p.add_argument("--e2e-images", type=int, default=3, help="held-out images for greedy agreement")
-    p.add_argument("--questions", help="JSONL of {image, question, answer}: also score exact-match "
-                   "task accuracy of fp32 and every variant")  # fmt: skip
+    p.add_argument(
+        "--questions",
+        help="JSONL of {image, question, answer}: also score exact-match "
+        "task accuracy of fp32 and every variant",
+    )
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -406,8 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(p)
     p.add_argument("--image", action="append", required=True, help="image path (repeatable)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--raw-prompt", action="store_true",
-                   help="no chat template; <image> stays where written (first if absent)")  # fmt: skip
+    p.add_argument(
+        "--raw-prompt",
+        action="store_true",
+        help="no chat template; <image> stays where written (first if absent)",
+    )
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print a JSON result as the last line")
     p.add_argument("--quiet", action="store_true", help="no streaming")

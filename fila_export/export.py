@@ -56,10 +56,16 @@ def export_stage(model, spec: StageSpec, path: Path, slim: bool = True) -> list[
     names_out = [t.name for t in spec.outputs]
     with torch.no_grad(), _quiet():
         program = torch.onnx.export(
-            wrapper, inputs, dynamo=True, dynamic_shapes=dynamic_shapes(spec),
-            input_names=names_in, output_names=names_out, opset_version=OPSET, verbose=False,
+            wrapper,
+            inputs,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes(spec),
+            input_names=names_in,
+            output_names=names_out,
+            opset_version=OPSET,
+            verbose=False,
             custom_translation_table=onnx_translation(),
-        )  # fmt: skip
+        )
     model_proto = program.model_proto
     axes = {t.name: list(t.shape) for t in [*spec.inputs, *spec.outputs]}
     onnx_utils.rename_axes(model_proto, axes)

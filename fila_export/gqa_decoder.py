@@ -27,11 +27,18 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 
 @torch.library.custom_op("fila::group_query_attention", mutates_args=())
-def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          past_key: torch.Tensor, past_value: torch.Tensor,
-                          seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor,
-                          num_heads: int, kv_num_heads: int,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def group_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    total_sequence_length: torch.Tensor,
+    num_heads: int,
+    kv_num_heads: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager reference of the contrib op (unpadded rows: every row has the same length)."""
     batch, seq, _ = query.shape
     head_dim = past_key.shape[-1]
@@ -43,15 +50,29 @@ def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     q = query.view(batch, seq, num_heads, head_dim).transpose(1, 2)
     visible = torch.arange(total)[None, :] <= (past + torch.arange(seq))[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, present_key[:, :, :total], present_value[:, :, :total], attn_mask=visible,
-        scale=scale, enable_gqa=True,
-    )  # fmt: skip
+        q,
+        present_key[:, :, :total],
+        present_value[:, :, :total],
+        attn_mask=visible,
+        scale=scale,
+        enable_gqa=True,
+    )
     return out.transpose(1, 2).reshape(batch, seq, -1), present_key, present_value
 
 
 @group_query_attention.register_fake
-def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads,
-      kv_num_heads, scale):  # fmt: skip
+def _(
+    query,
+    key,
+    value,
+    past_key,
+    past_value,
+    seqlens_k,
+    total_sequence_length,
+    num_heads,
+    kv_num_heads,
+    scale,
+):
     return (
         query.new_empty(query.shape),
         past_key.new_empty(past_key.shape),
@@ -70,16 +91,26 @@ def _register_onnx_schema() -> None:
     param = OpSchema.FormalParameter
     tensors = ["tensor(float)", "tensor(float16)"]
     schema = OpSchema(
-        "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[param("query", "T"), param("key", "T"), param("value", "T"),
-                param("past_key", "T"), param("past_value", "T"),
-                param("seqlens_k", "M"), param("total_sequence_length", "M")],
+        "GroupQueryAttention",
+        "com.microsoft",
+        1,
+        inputs=[
+            param("query", "T"),
+            param("key", "T"),
+            param("value", "T"),
+            param("past_key", "T"),
+            param("past_value", "T"),
+            param("seqlens_k", "M"),
+            param("total_sequence_length", "M"),
+        ],
         outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
         type_constraints=[("T", tensors, "activations"), ("M", ["tensor(int32)"], "lengths")],
-        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads"),
-                    OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "KV heads"),
-                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "softmax scale")],
-    )  # fmt: skip
+        attributes=[
+            OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads"),
+            OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "KV heads"),
+            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "softmax scale"),
+        ],
+    )
     defs.register_schema(schema)
 
 
@@ -90,12 +121,30 @@ def onnx_translation() -> dict:
     _register_onnx_schema()
     msft = Opset("com.microsoft", 1)
 
-    def gqa(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
-            num_heads: int, kv_num_heads: int, scale: float):  # fmt: skip
+    def gqa(
+        query,
+        key,
+        value,
+        past_key,
+        past_value,
+        seqlens_k,
+        total_sequence_length,
+        num_heads: int,
+        kv_num_heads: int,
+        scale: float,
+    ):
         return msft.GroupQueryAttention(
-            query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
-            num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale,
-        )  # fmt: skip
+            query,
+            key,
+            value,
+            past_key,
+            past_value,
+            seqlens_k,
+            total_sequence_length,
+            num_heads=num_heads,
+            kv_num_heads=kv_num_heads,
+            scale=scale,
+        )
 
     return {torch.ops.fila.group_query_attention.default: gqa}
 
@@ -148,9 +197,15 @@ class GqaDecoderStage(nn.Module):
             out, key, value = torch.ops.fila.group_query_attention(
                 q.transpose(1, 2).reshape(batch, seq, -1),
                 k.transpose(1, 2).reshape(batch, seq, -1),
-                attn.v_proj(x), past[2 * i], past[2 * i + 1], seqlens_k, total_sequence_length,
-                self.heads, self.shape.kv_heads, float(attn.scaling),
-            )  # fmt: skip
+                attn.v_proj(x),
+                past[2 * i],
+                past[2 * i + 1],
+                seqlens_k,
+                total_sequence_length,
+                self.heads,
+                self.shape.kv_heads,
+                float(attn.scaling),
+            )
             hidden = hidden + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             present += [key, value]

@@ -25,8 +25,14 @@ def save(model, path: Path) -> list[Path]:
         data.unlink()
     big = model.ByteSize() > TWO_GB if _no_external(model) else True
     if big:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data.name, size_threshold=1024)  # fmt: skip
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
         return [path, data]
     onnx.save(model, str(path))
     return [path]
@@ -78,10 +84,24 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 # Ops kept in fp32 in the fp16 graph: normalisations (LayerNorm, and RMSNorm's decomposition),
 # Softmax, and every Add (residual and bias accumulations).
 FP32_OPS = [
-    "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "Softmax",
-    "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Div", "Add", "Sub", "Exp", "Erf",
-    "Range", "CumSum", "Cos", "Sin",
-]  # fmt: skip
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RMSNormalization",
+    "Softmax",
+    "ReduceMean",
+    "Pow",
+    "Sqrt",
+    "Reciprocal",
+    "Div",
+    "Add",
+    "Sub",
+    "Exp",
+    "Erf",
+    "Range",
+    "CumSum",
+    "Cos",
+    "Sin",
+]
 
 
 def to_fp16(model):

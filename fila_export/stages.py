@@ -144,13 +144,20 @@ class DecoderStage(nn.Module):
         for i in range(self.num_layers):
             key, value = past[2 * i], past[2 * i + 1]
             cache.update(key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), i)
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                      position_ids=position_ids, cache=cache, use_cache=True)  # fmt: skip
+        out = self.lm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
         seq = inputs_embeds.shape[1]
         present = []
         for layer in out.cache.layers[: self.num_layers]:
-            present += [layer.keys[:, :, -seq:].permute(2, 0, 1, 3),
-                        layer.values[:, :, -seq:].permute(2, 0, 1, 3)]  # fmt: skip
+            present += [
+                layer.keys[:, :, -seq:].permute(2, 0, 1, 3),
+                layer.values[:, :, -seq:].permute(2, 0, 1, 3),
+            ]
         return (out.logits[:, -1], *present)
 
 
@@ -198,49 +205,79 @@ def stage_specs(
             TensorSpec(f"stage{i}", "float32", (1, dim, f"{w}*rows", f"{w}*cols"))
             for i, (dim, w) in enumerate(zip(config.convnext.dims, windows, strict=True))
         ]
-        specs["convnext"] = StageSpec("convnext", [global_view], maps, vax,
-                                      ConvNextStage, "global view -> four stage maps")  # fmt: skip
+        specs["convnext"] = StageSpec(
+            "convnext", [global_view], maps, vax, ConvNextStage, "global view -> four stage maps"
+        )
     for k, (start, end) in enumerate(segments):
         if end > start or k == 0:
             inp = pixels if k == 0 else hidden
             specs[f"vit.{k}"] = StageSpec(
-                f"vit.{k}", [inp], [hidden_out], vax,
+                f"vit.{k}",
+                [inp],
+                [hidden_out],
+                vax,
                 lambda m, s=start, e=end, k=k: VitSegment(m, s, e, embed=k == 0),
                 f"ViT layers {start + 1}..{end}" + (" (with patch embedding)" if k == 0 else ""),
-            )  # fmt: skip
+            )
         if config.has_convnext and k < 4:
             specs[f"cvfm.{k}"] = StageSpec(
-                f"cvfm.{k}", [hidden, maps[k]], [hidden_out], vax,
-                lambda m, k=k: CvfmStage(m, k), f"CVFM after ViT layer {end}",
-            )  # fmt: skip
+                f"cvfm.{k}",
+                [hidden, maps[k]],
+                [hidden_out],
+                vax,
+                lambda m, k=k: CvfmStage(m, k),
+                f"CVFM after ViT layer {end}",
+            )
     specs["projector"] = StageSpec(
-        "projector", [hidden], [TensorSpec("image_features", "float32", ("tiles", n * n, d_text))],
-        vax, ProjectorStage, "feature select + mlp2x_gelu",
-    )  # fmt: skip
+        "projector",
+        [hidden],
+        [TensorSpec("image_features", "float32", ("tiles", n * n, d_text))],
+        vax,
+        ProjectorStage,
+        "feature select + mlp2x_gelu",
+    )
     vision_in = [pixels, global_view] if config.has_convnext else [pixels]
     specs["vision"] = StageSpec(
-        "vision", vision_in, specs["projector"].outputs, vax, VisionStage,
+        "vision",
+        vision_in,
+        specs["projector"].outputs,
+        vax,
+        VisionStage,
         "fused hybrid encoder + projector (deployment graph)",
-    )  # fmt: skip
+    )
     specs["embed"] = StageSpec(
-        "embed", [TensorSpec("input_ids", "int64", ("batch", "seq"))],
+        "embed",
+        [TensorSpec("input_ids", "int64", ("batch", "seq"))],
         [TensorSpec("inputs_embeds", "float32", ("batch", "seq", d_text))],
-        decoder_axes(config, max_context, max_batch), EmbedStage, "token ids -> embeddings",
-    )  # fmt: skip
+        decoder_axes(config, max_context, max_batch),
+        EmbedStage,
+        "token ids -> embeddings",
+    )
     shape = DecoderShape.from_text_config(config.text)
     kv_heads, head_dim, layers = shape.kv_heads, shape.head_dim, shape.num_layers
-    past = [TensorSpec(f"past.{i}.{kv}", "float32", ("past", "batch", kv_heads, head_dim))
-            for i in range(layers) for kv in ("key", "value")]  # fmt: skip
-    present = [TensorSpec(f"present.{i}.{kv}", "float32", ("seq", "batch", kv_heads, head_dim))
-               for i in range(layers) for kv in ("key", "value")]  # fmt: skip
+    past = [
+        TensorSpec(f"past.{i}.{kv}", "float32", ("past", "batch", kv_heads, head_dim))
+        for i in range(layers)
+        for kv in ("key", "value")
+    ]
+    present = [
+        TensorSpec(f"present.{i}.{kv}", "float32", ("seq", "batch", kv_heads, head_dim))
+        for i in range(layers)
+        for kv in ("key", "value")
+    ]
     specs["decoder"] = StageSpec(
         "decoder",
-        [TensorSpec("inputs_embeds", "float32", ("batch", "seq", d_text)),
-         TensorSpec("attention_mask", "int64", ("batch", "total")),
-         TensorSpec("position_ids", "int64", ("batch", "seq")), *past],
+        [
+            TensorSpec("inputs_embeds", "float32", ("batch", "seq", d_text)),
+            TensorSpec("attention_mask", "int64", ("batch", "total")),
+            TensorSpec("position_ids", "int64", ("batch", "seq")),
+            *past,
+        ],
         [TensorSpec("logits", "float32", ("batch", config.vocab_size)), *present],
-        decoder_axes(config, max_context, max_batch), DecoderStage, DecoderStage.__doc__.split("\n")[0],
-    )  # fmt: skip
+        decoder_axes(config, max_context, max_batch),
+        DecoderStage,
+        DecoderStage.__doc__.split("\n")[0],
+    )
     if unsupported_reason(config.text) is None:
         specs["decoder_gqa"] = gqa_decoder_spec(config, max_context)
     return specs
@@ -257,19 +294,30 @@ def gqa_decoder_spec(config: FilaConfig, max_context: int) -> StageSpec:
     del axes["past"], axes["batch"]
     return StageSpec(
         "decoder_gqa",
-        [TensorSpec("inputs_embeds", "float32", (1, "seq", config.text["hidden_size"])),
-         TensorSpec("position_ids", "int64", (1, "seq")),
-         TensorSpec("seqlens_k", "int32", (1,)),
-         TensorSpec("total_sequence_length", "int32", ()),
-         *[TensorSpec(f"past.{i}.{kv}", "float32", cache)
-           for i in range(layers) for kv in ("key", "value")]],
-        [TensorSpec("logits", "float32", (1, config.vocab_size)),
-         *[TensorSpec(f"present.{i}.{kv}", "float32", cache)
-           for i in range(layers) for kv in ("key", "value")]],
-        axes, GqaDecoderStage,
+        [
+            TensorSpec("inputs_embeds", "float32", (1, "seq", config.text["hidden_size"])),
+            TensorSpec("position_ids", "int64", (1, "seq")),
+            TensorSpec("seqlens_k", "int32", (1,)),
+            TensorSpec("total_sequence_length", "int32", ()),
+            *[
+                TensorSpec(f"past.{i}.{kv}", "float32", cache)
+                for i in range(layers)
+                for kv in ("key", "value")
+            ],
+        ],
+        [
+            TensorSpec("logits", "float32", (1, config.vocab_size)),
+            *[
+                TensorSpec(f"present.{i}.{kv}", "float32", cache)
+                for i in range(layers)
+                for kv in ("key", "value")
+            ],
+        ],
+        axes,
+        GqaDecoderStage,
         "decoder for ONNX Runtime: GroupQueryAttention on a shared in-place KV buffer",
         backends=("onnxruntime",),
-    )  # fmt: skip
+    )
 
 
 def vision_chain(config: FilaConfig) -> list[str]:

@@ -56,8 +56,14 @@ def polygraphy_profiles(profiles: Sequence[Profile]):
     return out
 
 
-def build_stage(manifest: Manifest, stage: str, precision: str, out_dir: Path,
-                workspace_mb: int | None = None, timing_cache: Path | None = None) -> dict:  # fmt: skip
+def build_stage(
+    manifest: Manifest,
+    stage: str,
+    precision: str,
+    out_dir: Path,
+    workspace_mb: int | None = None,
+    timing_cache: Path | None = None,
+) -> dict:
     """Build and serialize one stage's engine; returns its build_info entry."""
     trt = import_tensorrt()
     from polygraphy.backend.trt import (
@@ -80,8 +86,11 @@ def build_stage(manifest: Manifest, stage: str, precision: str, out_dir: Path,
         config_kwargs["fp16"] = True
     plan = out_dir / f"{stage}.{precision}.plan"
     t0 = time.perf_counter()
-    engine = EngineFromNetwork(network, config=CreateConfig(**config_kwargs),
-                               save_timing_cache=str(timing_cache) if timing_cache else None)  # fmt: skip
+    engine = EngineFromNetwork(
+        network,
+        config=CreateConfig(**config_kwargs),
+        save_timing_cache=str(timing_cache) if timing_cache else None,
+    )
     SaveEngine(engine, str(plan))()
     return {
         "plan": plan.name,
@@ -97,9 +106,14 @@ def build_stage(manifest: Manifest, stage: str, precision: str, out_dir: Path,
     }
 
 
-def build_engines(artifacts: str | Path, precision: str = "fp16", stages: Sequence[str] | None = None,
-                  workspace_mb: int | None = None, timing_cache: str | Path | None = None,
-                  progress: bool = True) -> Path:  # fmt: skip
+def build_engines(
+    artifacts: str | Path,
+    precision: str = "fp16",
+    stages: Sequence[str] | None = None,
+    workspace_mb: int | None = None,
+    timing_cache: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
     """``fila build``: engines/<stage>.<precision>.plan + engines/build_info.json."""
     from tqdm import tqdm
 
@@ -110,8 +124,15 @@ def build_engines(artifacts: str | Path, precision: str = "fp16", stages: Sequen
     out_dir.mkdir(exist_ok=True)
     info_path = out_dir / BUILD_INFO
     info = json.loads(info_path.read_text()) if info_path.is_file() else {"engines": {}}
-    info.update({"tensorrt": trt.__version__, "gpu": gpu_info(), "jetson_l4t": jetson_release(),
-                 "host": platform.node(), "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})  # fmt: skip
+    info.update(
+        {
+            "tensorrt": trt.__version__,
+            "gpu": gpu_info(),
+            "jetson_l4t": jetson_release(),
+            "host": platform.node(),
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
     for name in tqdm(names, desc="build", unit="engine", disable=not progress):
         variant = precision if precision in manifest.stage(name)["variants"] else "fp32"
         info["engines"][f"{name}.{variant}"] = build_stage(
@@ -137,8 +158,12 @@ def shape_arg(profile_shapes: dict, index: int) -> str:
     )
 
 
-def trtexec_script(artifacts: str | Path, precision: str = "fp16", stages: Sequence[str] | None = None,
-                   workspace_mb: int | None = None) -> str:  # fmt: skip
+def trtexec_script(
+    artifacts: str | Path,
+    precision: str = "fp16",
+    stages: Sequence[str] | None = None,
+    workspace_mb: int | None = None,
+) -> str:
     """A shell script of trtexec commands equivalent to ``fila build`` (shapes from the manifest).
 
     trtexec takes one profile per --minShapes/--optShapes/--maxShapes group, in order, so the
@@ -158,11 +183,18 @@ def trtexec_script(artifacts: str | Path, precision: str = "fp16", stages: Seque
     for name in names:
         variant = precision if precision in manifest.stage(name)["variants"] else "fp32"
         onnx_file = manifest.variant(name, variant)["file"]
-        args = [f"--onnx={onnx_file}", f"--saveEngine={ENGINE_DIR}/{name}.{variant}.plan",
-                "--stronglyTyped", "--skipInference"]  # fmt: skip
+        args = [
+            f"--onnx={onnx_file}",
+            f"--saveEngine={ENGINE_DIR}/{name}.{variant}.plan",
+            "--stronglyTyped",
+            "--skipInference",
+        ]
         for p in stage_profiles(manifest, name):
-            args += [f"--minShapes={shape_arg(p.shapes, 0)}", f"--optShapes={shape_arg(p.shapes, 1)}",
-                     f"--maxShapes={shape_arg(p.shapes, 2)}"]  # fmt: skip
+            args += [
+                f"--minShapes={shape_arg(p.shapes, 0)}",
+                f"--optShapes={shape_arg(p.shapes, 1)}",
+                f"--maxShapes={shape_arg(p.shapes, 2)}",
+            ]
         if workspace_mb:
             args.append(f"--memPoolSize=workspace:{workspace_mb}M")
         lines.append(f"# {name} ({variant}): {len(stage_profiles(manifest, name))} profile(s)")
@@ -170,26 +202,36 @@ def trtexec_script(artifacts: str | Path, precision: str = "fp16", stages: Seque
     return "\n".join(lines) + "\n"
 
 
-def record_engines(artifacts: str | Path, precision: str = "fp16",
-                   stages: Sequence[str] | None = None) -> Path:  # fmt: skip
+def record_engines(
+    artifacts: str | Path, precision: str = "fp16", stages: Sequence[str] | None = None
+) -> Path:
     """Write build_info.json for plans built elsewhere (the trtexec script) on this machine."""
     trt = import_tensorrt()
     manifest = Manifest.load(artifacts)
     out_dir = manifest.folder / ENGINE_DIR
-    info = {"tensorrt": trt.__version__, "gpu": gpu_info(), "jetson_l4t": jetson_release(),
-            "host": platform.node(), "built": "recorded", "engines": {}}  # fmt: skip
+    info = {
+        "tensorrt": trt.__version__,
+        "gpu": gpu_info(),
+        "jetson_l4t": jetson_release(),
+        "host": platform.node(),
+        "built": "recorded",
+        "engines": {},
+    }
     for name in stages or default_build_stages(manifest):
         variant = precision if precision in manifest.stage(name)["variants"] else "fp32"
         plan = out_dir / f"{name}.{variant}.plan"
         if not plan.is_file():
             raise FilaError(f"{plan} not found; run the trtexec script first")
         info["engines"][f"{name}.{variant}"] = {
-            "plan": plan.name, "stage": name, "precision": variant,
+            "plan": plan.name,
+            "stage": name,
+            "precision": variant,
             "source_onnx": manifest.variant(name, variant)["file"],
             "source_sha256": manifest.variant(name, variant)["sha256"],
             "profiles": [p.to_dict() for p in stage_profiles(manifest, name)],
-            "engine_bytes": plan.stat().st_size, "plan_sha256": sha256_file(plan),
-        }  # fmt: skip
+            "engine_bytes": plan.stat().st_size,
+            "plan_sha256": sha256_file(plan),
+        }
     path = out_dir / BUILD_INFO
     path.write_text(json.dumps(info, indent=2))
     return path

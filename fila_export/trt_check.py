@@ -54,8 +54,13 @@ _TYPES = {
 # Ops with no data input: their output type is what the table's type column is about.
 _SOURCE_OPS = {"Constant", "ConstantOfShape", "RandomNormal", "RandomUniform"}
 # Normalisation and softmax ops that must stay fp32 in the fp16 graphs (see onnx_utils.FP32_OPS).
-NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "Softmax",
-            "ReduceMean")  # fmt: skip
+NORM_OPS = (
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RMSNormalization",
+    "Softmax",
+    "ReduceMean",
+)
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _UINT8 = 2  # TensorProto.UINT8: what QuantizeLinear outputs without a zero point
 
@@ -278,9 +283,12 @@ class _Checker:
             top = max(top, rng.get("int4_weight_only_max", top))
         for imp in self.g.model.opset_import:
             if imp.domain in ("", "ai.onnx") and not rng.get("min", 0) <= imp.version <= top:
-                self.add("<model>", "opset",
-                         f"the graph imports opset {imp.version}; the {self.trt()} ONNX parser "
-                         f"supports opsets {rng['min']} to {rng['max']}")  # fmt: skip
+                self.add(
+                    "<model>",
+                    "opset",
+                    f"the graph imports opset {imp.version}; the {self.trt()} ONNX parser "
+                    f"supports opsets {rng['min']} to {rng['max']}",
+                )
 
     def _int4_weight_only(self) -> bool:
         """Block-quantized int4 DequantizeLinear feeding MatMul: the INT4 weight-only pattern."""
@@ -302,12 +310,19 @@ class _Checker:
                 if default:
                     why = self.table.get("unsupported", {}).get(op)
                     detail = f"listed as unsupported: {why}" if why else "not in its operator table"
-                    self.add(label, "op", f"{op} is not supported by the {self.trt()} ONNX parser "
-                                          f"({detail})")  # fmt: skip
+                    self.add(
+                        label,
+                        "op",
+                        f"{op} is not supported by the {self.trt()} ONNX parser ({detail})",
+                    )
                 else:
-                    self.add(label, "op", f"{node.domain}:{op} is a custom-domain operator: the "
-                                          f"{self.trt()} ONNX parser has no importer for it (it "
-                                          "would need a TensorRT plugin); export standard ONNX ops")  # fmt: skip
+                    self.add(
+                        label,
+                        "op",
+                        f"{node.domain}:{op} is a custom-domain operator: the "
+                        f"{self.trt()} ONNX parser has no importer for it (it "
+                        "would need a TensorRT plugin); export standard ONNX ops",
+                    )
                 continue
             self._op_dtype(node, label, entry)
             self._const_inputs(node, label, entry)
@@ -322,18 +337,24 @@ class _Checker:
         token = _token(elem)
         if token not in entry["types"]:
             where = "output" if node.op_type in _SOURCE_OPS else "input"
-            self.add(label, "op-dtype",
-                     f"{node.op_type} {where} '{names[0]}' is {_friendly(elem)}; {self.trt()} "
-                     f"takes {node.op_type} on {', '.join(entry['types'])} only")  # fmt: skip
+            self.add(
+                label,
+                "op-dtype",
+                f"{node.op_type} {where} '{names[0]}' is {_friendly(elem)}; {self.trt()} "
+                f"takes {node.op_type} on {', '.join(entry['types'])} only",
+            )
 
     def _const_inputs(self, node, label: str, entry: dict) -> None:
         for index, what in entry.get("const_inputs", {}).items():
             i = int(index)
             if i < len(node.input) and node.input[i] and not self.g.is_const(node.input[i]):
-                self.add(label, "const-input",
-                         f"{node.op_type} input {what} ('{node.input[i]}') is computed at run "
-                         f"time; {self.trt()} needs it as an initializer or Constant "
-                         f"({entry.get('restrictions', '')})")  # fmt: skip
+                self.add(
+                    label,
+                    "const-input",
+                    f"{node.op_type} input {what} ('{node.input[i]}') is computed at run "
+                    f"time; {self.trt()} needs it as an initializer or Constant "
+                    f"({entry.get('restrictions', '')})",
+                )
 
     # tensor types ---------------------------------------------------------------------------
     def dtypes(self) -> None:
@@ -347,31 +368,44 @@ class _Checker:
                     continue
                 elem = value.type.tensor_type.elem_type
                 if elem and _token(elem) not in io_ok:
-                    self.add(value.name, "dtype",
-                             f"graph {kind} '{value.name}' is {_friendly(elem)}: {self._why(elem)}")  # fmt: skip
+                    self.add(
+                        value.name,
+                        "dtype",
+                        f"graph {kind} '{value.name}' is {_friendly(elem)}: {self._why(elem)}",
+                    )
         for name, tensor in g.consts.items():
             self._const_dtype(name, tensor.data_type, io_ok, quantized)
         cast_types = self.ops.get("Cast", {}).get("types")
         for node in g.nodes:
             label = g.label(node)
             if node.op_type in ("Cast", "CastLike") and cast_types is not None:
-                to = (_attr(node, "to", 0) if node.op_type == "Cast"
-                      else g.types.get(node.input[1] if len(node.input) > 1 else "", 0))  # fmt: skip
+                to = (
+                    _attr(node, "to", 0)
+                    if node.op_type == "Cast"
+                    else g.types.get(node.input[1] if len(node.input) > 1 else "", 0)
+                )
                 if to and _token(to) not in cast_types:
-                    hint = ("; quantize with QuantizeLinear instead" if _token(to) in quantized
-                            else "")  # fmt: skip
-                    self.add(label, "dtype",
-                             f"{node.op_type} to {_friendly(to)}: {self.trt()} casts only to "
-                             f"{', '.join(cast_types)}{hint}")  # fmt: skip
+                    hint = (
+                        "; quantize with QuantizeLinear instead" if _token(to) in quantized else ""
+                    )
+                    self.add(
+                        label,
+                        "dtype",
+                        f"{node.op_type} to {_friendly(to)}: {self.trt()} casts only to "
+                        f"{', '.join(cast_types)}{hint}",
+                    )
                 continue
             if node.op_type == "Constant":
                 continue
             for out in node.output:
                 elem = g.types.get(out, 0)
                 if elem and _token(elem) is None:
-                    self.add(label, "dtype",
-                             f"{node.op_type} produces {_friendly(elem)} tensor '{out}': "
-                             f"{self._why(elem)}")  # fmt: skip
+                    self.add(
+                        label,
+                        "dtype",
+                        f"{node.op_type} produces {_friendly(elem)} tensor '{out}': "
+                        f"{self._why(elem)}",
+                    )
 
     def _const_dtype(self, name: str, elem: int, io_ok: set, quantized: set) -> None:
         token = _token(elem)
@@ -383,21 +417,28 @@ class _Checker:
             return
         if token in io_ok and token != "UINT8":
             return
-        in_qdq = all(n.op_type in _QDQ and (i == 2 or (n.op_type == "DequantizeLinear" and i == 0))
-                     for n, i in users)  # fmt: skip
+        in_qdq = all(
+            n.op_type in _QDQ and (i == 2 or (n.op_type == "DequantizeLinear" and i == 0))
+            for n, i in users
+        )
         if in_qdq or (token == "UINT8" and all(n.op_type == "Cast" for n, _ in users)):
             return  # Q/DQ operands: zero point and data types are the qdq rule's business
         n, _ = next((u for u in users if u[0].op_type not in _QDQ), users[0])
-        self.add(self.g.label(n), "dtype",
-                 f"{kind} '{name}' is {_friendly(elem)} and feeds {n.op_type}: {self.trt()} takes "
-                 f"{_friendly(elem)} only inside Q/DQ (as DequantizeLinear input or zero point)")  # fmt: skip
+        self.add(
+            self.g.label(n),
+            "dtype",
+            f"{kind} '{name}' is {_friendly(elem)} and feeds {n.op_type}: {self.trt()} takes "
+            f"{_friendly(elem)} only inside Q/DQ (as DequantizeLinear input or zero point)",
+        )
 
     def _why(self, elem: int) -> str:
         token, name = _token(elem), _friendly(elem)
         io = ", ".join(self.table["tensor_types"]["io"])
         if name == "float64":
-            return (f"{self.trt()} has no float64 (the parser at best casts float64 weights down "
-                    f"to float32, clamping); export float32")  # fmt: skip
+            return (
+                f"{self.trt()} has no float64 (the parser at best casts float64 weights down "
+                f"to float32, clamping); export float32"
+            )
         if token in self.table["tensor_types"]["quantized"]:
             return f"{self.trt()} takes {name} only inside Q/DQ; network inputs/outputs are {io}"
         if token is None:
@@ -416,35 +457,50 @@ class _Checker:
                 continue
             name = value.name
             if declared is not None and name not in declared:
-                self.add(name, "profile",
-                         f"graph input '{name}' is not among the manifest's inputs for this "
-                         "stage, so the TensorRT builder gets no optimization profile for it")  # fmt: skip
+                self.add(
+                    name,
+                    "profile",
+                    f"graph input '{name}' is not among the manifest's inputs for this "
+                    "stage, so the TensorRT builder gets no optimization profile for it",
+                )
             tt = value.type.tensor_type
             if not tt.HasField("shape"):
-                self.add(name, "dynamic-axis",
-                         f"graph input '{name}' has no shape (unknown rank); TensorRT needs the "
-                         "rank and a profile for every dynamic dim")  # fmt: skip
+                self.add(
+                    name,
+                    "dynamic-axis",
+                    f"graph input '{name}' has no shape (unknown rank); TensorRT needs the "
+                    "rank and a profile for every dynamic dim",
+                )
                 continue
             for i, dim in enumerate(tt.shape.dim):
                 if dim.HasField("dim_value"):
                     continue
                 if not dim.HasField("dim_param") or not dim.dim_param:
-                    self.add(name, "dynamic-axis",
-                             f"graph input '{name}' dim {i} has neither a size nor an axis name, so "
-                             "no profile range covers it; name it after a stage axis")  # fmt: skip
+                    self.add(
+                        name,
+                        "dynamic-axis",
+                        f"graph input '{name}' dim {i} has neither a size nor an axis name, so "
+                        "no profile range covers it; name it after a stage axis",
+                    )
                     continue
                 param = dim.dim_param
                 k, _, axis = param.rpartition("*")
                 if k and not k.strip().isdigit():
-                    self.add(name, "dynamic-axis",
-                             f"graph input '{name}' dim {i} is '{param}', which is neither an "
-                             "axis name nor '<k>*<axis>'")  # fmt: skip
+                    self.add(
+                        name,
+                        "dynamic-axis",
+                        f"graph input '{name}' dim {i} is '{param}', which is neither an "
+                        "axis name nor '<k>*<axis>'",
+                    )
                     continue
                 axis = axis.strip()
                 if axis not in axes:
-                    self.add(name, "dynamic-axis",
-                             f"graph input '{name}' dim {i} is '{param}', but the manifest has no "
-                             f"profile range for axis '{axis}' (axes: {known})")  # fmt: skip
+                    self.add(
+                        name,
+                        "dynamic-axis",
+                        f"graph input '{name}' dim {i} is '{param}', but the manifest has no "
+                        f"profile range for axis '{axis}' (axes: {known})",
+                    )
                     continue
                 r = axes[axis]
                 try:
@@ -452,9 +508,12 @@ class _Checker:
                 except (KeyError, TypeError, ValueError):
                     ok = False
                 if not ok:
-                    self.add(name, "dynamic-axis",
-                             f"graph input '{name}' dim {i} uses axis '{axis}', whose profile range "
-                             f"{r} is not 0 <= min <= opt <= max")  # fmt: skip
+                    self.add(
+                        name,
+                        "dynamic-axis",
+                        f"graph input '{name}' dim {i} uses axis '{axis}', whose profile range "
+                        f"{r} is not 0 <= min <= opt <= max",
+                    )
 
     # Q/DQ -------------------------------------------------------------------------------------
     def qdq(self) -> None:
@@ -469,24 +528,37 @@ class _Checker:
             if not zp:
                 out_type = _attr(node, "output_dtype", 0)
                 if op == "QuantizeLinear" and _token(out_type or _UINT8) not in quantized:
-                    self.add(label, "qdq",
-                             f"{op} has no zero point, so it quantizes to uint8; {self.trt()} "
-                             "needs signed int8: give it an int8 zero point of 0")  # fmt: skip
+                    self.add(
+                        label,
+                        "qdq",
+                        f"{op} has no zero point, so it quantizes to uint8; {self.trt()} "
+                        "needs signed int8: give it an int8 zero point of 0",
+                    )
             else:
                 elem = g.types.get(zp, 0)
                 if elem and _token(elem) not in quantized:
-                    self.add(label, "qdq",
-                             f"{op} zero point '{zp}' is {_friendly(elem)}: {self.trt()} takes "
-                             "int8 (symmetric) zero points only")  # fmt: skip
+                    self.add(
+                        label,
+                        "qdq",
+                        f"{op} zero point '{zp}' is {_friendly(elem)}: {self.trt()} takes "
+                        "int8 (symmetric) zero points only",
+                    )
                 values = g.array(zp)
                 if not g.is_const(zp):
-                    self.add(label, "qdq", f"{op} zero point '{zp}' is computed at run time; "
-                                           f"{self.trt()} needs a constant zero")  # fmt: skip
+                    self.add(
+                        label,
+                        "qdq",
+                        f"{op} zero point '{zp}' is computed at run time; "
+                        f"{self.trt()} needs a constant zero",
+                    )
                 elif values is not None and values.astype("float64").any():
                     nonzero = sorted({float(v) for v in values.reshape(-1) if v})[:4]
-                    self.add(label, "qdq",
-                             f"{op} zero point '{zp}' is not 0 (has {nonzero}): asymmetric "
-                             f"quantization; {self.trt()} needs symmetric Q/DQ (zero point 0)")  # fmt: skip
+                    self.add(
+                        label,
+                        "qdq",
+                        f"{op} zero point '{zp}' is not 0 (has {nonzero}): asymmetric "
+                        f"quantization; {self.trt()} needs symmetric Q/DQ (zero point 0)",
+                    )
             if scale:
                 self._scale(node, label, scale)
             self._per_channel(node, label, scale)
@@ -496,15 +568,22 @@ class _Checker:
 
         elem = self.g.types.get(scale, 0)
         if elem and _token(elem) not in ("FP32", "FP16", "BF16"):
-            self.add(label, "qdq", f"{node.op_type} scale '{scale}' is {_friendly(elem)}; "
-                                   "scales must be float32, float16 or bfloat16")  # fmt: skip
+            self.add(
+                label,
+                "qdq",
+                f"{node.op_type} scale '{scale}' is {_friendly(elem)}; "
+                "scales must be float32, float16 or bfloat16",
+            )
         values = self.g.array(scale)
         if values is not None and values.size:
             v = values.astype("float64")
             if not np.all(np.isfinite(v)) or np.any(v <= 0):
-                self.add(label, "qdq",
-                         f"{node.op_type} scale '{scale}' is not positive everywhere (min "
-                         f"{float(np.nanmin(v)):g}); TensorRT needs scales > 0")  # fmt: skip
+                self.add(
+                    label,
+                    "qdq",
+                    f"{node.op_type} scale '{scale}' is not positive everywhere (min "
+                    f"{float(np.nanmin(v)):g}); TensorRT needs scales > 0",
+                )
 
     def _per_channel(self, node, label: str, scale: str) -> None:
         g = self.g
@@ -518,27 +597,36 @@ class _Checker:
             axis += rank
         if node.op_type == "QuantizeLinear":
             if not g.is_const(x):
-                self.add(label, "qdq",
-                         f"QuantizeLinear quantizes activation '{x}' per channel (axis {axis}); "
-                         f"{self.trt()} quantizes activations per tensor only (one scale)")  # fmt: skip
+                self.add(
+                    label,
+                    "qdq",
+                    f"QuantizeLinear quantizes activation '{x}' per channel (axis {axis}); "
+                    f"{self.trt()} quantizes activations per tensor only (one scale)",
+                )
             return
         for user, slot, perm in self._weight_users(node.output[0]):
             expected = _output_channel_axis(user, slot, g)
             if expected is None:
                 if slot == 0 and user.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
-                    self.add(label, "qdq",
-                             f"DequantizeLinear feeds the activation input of {user.op_type} "
-                             f"'{g.label(user)}' with per-channel scales; {self.trt()} quantizes "
-                             "activations per tensor only")  # fmt: skip
+                    self.add(
+                        label,
+                        "qdq",
+                        f"DequantizeLinear feeds the activation input of {user.op_type} "
+                        f"'{g.label(user)}' with per-channel scales; {self.trt()} quantizes "
+                        "activations per tensor only",
+                    )
                 continue
             if perm is not None:
                 expected = perm[expected] if expected < len(perm) else expected
             if axis != expected:
-                self.add(label, "qdq",
-                         f"DequantizeLinear quantizes the weight of {user.op_type} "
-                         f"'{g.label(user)}' per channel on axis {axis}, but its output channels "
-                         f"are on axis {expected}: {self.trt()} needs per-channel weight scales on "
-                         f"the output-channel axis (axis={expected})")  # fmt: skip
+                self.add(
+                    label,
+                    "qdq",
+                    f"DequantizeLinear quantizes the weight of {user.op_type} "
+                    f"'{g.label(user)}' per channel on axis {axis}, but its output channels "
+                    f"are on axis {expected}: {self.trt()} needs per-channel weight scales on "
+                    f"the output-channel axis (axis={expected})",
+                )
 
     def _weight_users(self, name: str):
         """(consumer, input index, transpose perm or None), looking through one Transpose."""
@@ -560,10 +648,13 @@ class _Checker:
             elem = self.g.types.get(node.input[0], 0)
             if _token(elem) in low:
                 kind = "LayerNorm" if "Normalization" in node.op_type else node.op_type
-                self.add(self.g.label(node), "fp32-norm",
-                         f"{kind} forced to {low[_token(elem)]}: {node.op_type} input "
-                         f"'{node.input[0]}' is {_friendly(elem)}; keep normalisation and softmax "
-                         "in fp32 (FP32_OPS in fila_export/onnx_utils.py)")  # fmt: skip
+                self.add(
+                    self.g.label(node),
+                    "fp32-norm",
+                    f"{kind} forced to {low[_token(elem)]}: {node.op_type} input "
+                    f"'{node.input[0]}' is {_friendly(elem)}; keep normalisation and softmax "
+                    "in fp32 (FP32_OPS in fila_export/onnx_utils.py)",
+                )
 
 
 def _output_channel_axis(user, slot: int, g: GraphIndex) -> int | None:
@@ -646,10 +737,16 @@ def check_artifacts(
             if wanted and precision not in wanted:
                 continue
             report.graphs.append((stage, precision))
-            report.extend(check_onnx_file(
-                manifest.stage_path(stage, precision), table, stage=stage, precision=precision,
-                axes=entry.get("axes", {}), inputs=entry.get("inputs"),
-            ))  # fmt: skip
+            report.extend(
+                check_onnx_file(
+                    manifest.stage_path(stage, precision),
+                    table,
+                    stage=stage,
+                    precision=precision,
+                    axes=entry.get("axes", {}),
+                    inputs=entry.get("inputs"),
+                )
+            )
     if not report.graphs:
         have = sorted({p for e in manifest.stages.values() for p in e["variants"]})
         raise TrtCheckError(

@@ -69,11 +69,18 @@ class ValidationReport:
             "|---|---|---|---|---|---|---|",
         ]
         for s in self.stages:
-            lines.append(f"| {s.stage} | {s.precision} | {s.max_abs:.2e} | {s.rel_l2:.2e} | "
-                         f"{s.cosine:.6f} | {s.tolerance:.0e} | {'pass' if s.passed else 'FAIL'} |")  # fmt: skip
+            lines.append(
+                f"| {s.stage} | {s.precision} | {s.max_abs:.2e} | {s.rel_l2:.2e} | "
+                f"{s.cosine:.6f} | {s.tolerance:.0e} | {'pass' if s.passed else 'FAIL'} |"
+            )
         div = "none" if self.first_divergence is None else str(self.first_divergence)
-        lines += ["", f"Greedy tokens: {self.tokens_equal}/{self.tokens_compared} equal, "
-                      f"first divergence: {div}", "", f"**{'PASS' if self.passed else 'FAIL'}**"]  # fmt: skip
+        lines += [
+            "",
+            f"Greedy tokens: {self.tokens_equal}/{self.tokens_compared} equal, "
+            f"first divergence: {div}",
+            "",
+            f"**{'PASS' if self.passed else 'FAIL'}**",
+        ]
         return "\n".join(lines)
 
 
@@ -144,10 +151,17 @@ def decoder_feeds(model, config, embeds: torch.Tensor) -> dict[str, torch.Tensor
     seq = embeds.shape[1]
     empty = [torch.zeros(0, 1, kv_heads, head_dim) for _ in range(2 * layers)]
     with torch.no_grad():
-        out = dec(embeds[:, :-1], torch.ones(1, seq - 1, dtype=torch.long),
-                  torch.arange(seq - 1)[None], *empty)  # fmt: skip
-    feeds = {"inputs_embeds": embeds[:, -1:], "attention_mask": torch.ones(1, seq, dtype=torch.long),
-             "position_ids": torch.tensor([[seq - 1]])}  # fmt: skip
+        out = dec(
+            embeds[:, :-1],
+            torch.ones(1, seq - 1, dtype=torch.long),
+            torch.arange(seq - 1)[None],
+            *empty,
+        )
+    feeds = {
+        "inputs_embeds": embeds[:, -1:],
+        "attention_mask": torch.ones(1, seq, dtype=torch.long),
+        "position_ids": torch.tensor([[seq - 1]]),
+    }
     for i in range(layers):
         feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = out[1 + 2 * i], out[2 + 2 * i]
     return feeds
@@ -157,9 +171,12 @@ def gqa_decoder_feeds(portable: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     """The same decode step for ``decoder_gqa``: the prefix in a head-major buffer with room for
     the new position (the graph writes it there)."""
     total = portable["attention_mask"].shape[1]
-    feeds = {"inputs_embeds": portable["inputs_embeds"], "position_ids": portable["position_ids"],
-             "seqlens_k": torch.tensor([total - 1], dtype=torch.int32),
-             "total_sequence_length": torch.tensor(total, dtype=torch.int32)}  # fmt: skip
+    feeds = {
+        "inputs_embeds": portable["inputs_embeds"],
+        "position_ids": portable["position_ids"],
+        "seqlens_k": torch.tensor([total - 1], dtype=torch.int32),
+        "total_sequence_length": torch.tensor(total, dtype=torch.int32),
+    }
     for name, past in portable.items():
         if name.startswith("past."):
             buffer = torch.zeros(past.shape[1], past.shape[2], total, past.shape[3])
@@ -168,9 +185,15 @@ def gqa_decoder_feeds(portable: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return feeds
 
 
-def validate(artifacts: str | Path, checkpoint: str | Path, images: str | Path | None = None,
-             backend: str = "onnxruntime", precision: str = "fp32", tokens: int = 32,
-             max_images: int = 3) -> ValidationReport:  # fmt: skip
+def validate(
+    artifacts: str | Path,
+    checkpoint: str | Path,
+    images: str | Path | None = None,
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
+    tokens: int = 32,
+    max_images: int = 3,
+) -> ValidationReport:
     from fila_export.reference import ReferencePipeline
     from runtime.pipeline import FilaPipeline, make_runner
 
@@ -231,10 +254,16 @@ def write_json(report: ValidationReport, path: str | Path) -> None:
 # --- task accuracy: exact-match answers on a question set ----------------------------------
 
 
-def answer_accuracy(questions: str | Path, checkpoint: str | Path,
-                    artifacts: str | Path | None = None, precisions: Sequence[str] = ("fp32",),
-                    backend: str = "onnxruntime", max_new_tokens: int = 16,
-                    limit: int | None = None, **runner_options) -> dict:  # fmt: skip
+def answer_accuracy(
+    questions: str | Path,
+    checkpoint: str | Path,
+    artifacts: str | Path | None = None,
+    precisions: Sequence[str] = ("fp32",),
+    backend: str = "onnxruntime",
+    max_new_tokens: int = 16,
+    limit: int | None = None,
+    **runner_options,
+) -> dict:
     """Greedy answers of PyTorch fp32 and of the export at each precision, scored by exact match;
     each export row also counts answers identical to PyTorch's (fp32 must match all).
     ``runner_options`` go to ``FilaPipeline.from_artifacts`` (e.g. ``threads``)."""
@@ -247,20 +276,38 @@ def answer_accuracy(questions: str | Path, checkpoint: str | Path,
         ref.generate([r["image"]], r["question"], max_new_tokens=max_new_tokens).text.strip()
         for r in records
     ]
-    rows = [{"backend": "torch", "precision": "fp32", **exact_match(records, torch_answers),
-             "same_as_torch": len(records)}]  # fmt: skip
+    rows = [
+        {
+            "backend": "torch",
+            "precision": "fp32",
+            **exact_match(records, torch_answers),
+            "same_as_torch": len(records),
+        }
+    ]
     answers = {"torch/fp32": torch_answers}
     for precision in precisions if artifacts else ():
-        pipe = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision,
-                                           **runner_options)  # fmt: skip
+        pipe = FilaPipeline.from_artifacts(
+            artifacts, backend=backend, precision=precision, **runner_options
+        )
         got = pipeline_answers(pipe, records, max_new_tokens)
         same = sum(a == b for a, b in zip(got, torch_answers, strict=True))
-        rows.append({"backend": backend, "precision": precision, **exact_match(records, got),
-                     "same_as_torch": same})  # fmt: skip
+        rows.append(
+            {
+                "backend": backend,
+                "precision": precision,
+                **exact_match(records, got),
+                "same_as_torch": same,
+            }
+        )
         answers[f"{backend}/{precision}"] = got
     passed = all(r["same_as_torch"] == r["n"] for r in rows if r["precision"] == "fp32")
-    return {"questions": str(questions), "rows": rows, "passed": passed,
-            "records": records, "answers": answers}  # fmt: skip
+    return {
+        "questions": str(questions),
+        "rows": rows,
+        "passed": passed,
+        "records": records,
+        "answers": answers,
+    }
 
 
 def accuracy_markdown(report: dict) -> str:
@@ -274,9 +321,11 @@ def accuracy_markdown(report: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        lines.append(f"| {r['backend']} | {r['precision']} | {pct(r['accuracy'])} "
-                     f"({r['correct']}/{r['n']}) | {pct(r['boundary_accuracy'])} "
-                     f"({r['n_boundary']}) | {r['same_as_torch']}/{r['n']} |")  # fmt: skip
+        lines.append(
+            f"| {r['backend']} | {r['precision']} | {pct(r['accuracy'])} "
+            f"({r['correct']}/{r['n']}) | {pct(r['boundary_accuracy'])} "
+            f"({r['n_boundary']}) | {r['same_as_torch']}/{r['n']} |"
+        )
     verdict = "PASS" if report["passed"] else "FAIL (fp32 answers differ from PyTorch)"
     lines += ["", f"**{verdict}**"]
     return "\n".join(lines)

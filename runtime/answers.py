@@ -30,12 +30,14 @@ def read_questions(path: str | Path) -> list[dict]:
         if missing:
             raise FilaError(f"{path}:{n}: missing {', '.join(sorted(missing))}")
         image = Path(rec["image"])
-        records.append({
-            "image": str(image if image.is_absolute() else path.parent / image),
-            "question": rec["question"],
-            "answer": str(rec["answer"]),
-            "boundary": bool(rec.get("boundary", False)),
-        })  # fmt: skip
+        records.append(
+            {
+                "image": str(image if image.is_absolute() else path.parent / image),
+                "question": rec["question"],
+                "answer": str(rec["answer"]),
+                "boundary": bool(rec.get("boundary", False)),
+            }
+        )
     return records
 
 

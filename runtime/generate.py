@@ -37,8 +37,9 @@ def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[Sequence[int]], 
     return out
 
 
-def logits_to_probs(logits: np.ndarray, temperature: float, top_k: int | None = None,
-                    top_p: float | None = None) -> np.ndarray:  # fmt: skip
+def logits_to_probs(
+    logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> np.ndarray:
     """(B, V) logits -> (B, V) probabilities after temperature, top-k and top-p filtering."""
     x = logits.astype(np.float64) / temperature
     if top_k:
@@ -59,8 +60,12 @@ def logits_to_probs(logits: np.ndarray, temperature: float, top_k: int | None = 
     return probs
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           history: Sequence[Sequence[int]] = ()) -> np.ndarray:  # fmt: skip
+def sample(
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    history: Sequence[Sequence[int]] = (),
+) -> np.ndarray:
     """Next token per row: argmax when greedy, else a draw from the filtered distribution."""
     if params.repetition_penalty and params.repetition_penalty != 1.0 and history:
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
@@ -172,8 +177,10 @@ class Decoder:
     def prefill(self, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Run the prompt (left-padded rows allowed); returns next-token logits (B, V)."""
         if self.shared and not np.all(attention_mask):
-            raise FilaError("the decoder_gqa graph takes unpadded rows; run padded batches "
-                            "with the portable decoder (from_artifacts(..., decoder='portable'))")  # fmt: skip
+            raise FilaError(
+                "the decoder_gqa graph takes unpadded rows; run padded batches "
+                "with the portable decoder (from_artifacts(..., decoder='portable'))"
+            )
         if self.cache is not None:
             self.cache.reset()
         self.length = 0
@@ -230,11 +237,18 @@ class GenerationOutput:
         return self.steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def generate(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray], prompt_embeds: np.ndarray,
-             attention_mask: np.ndarray, max_new_tokens: int, params: SamplingParams,
-             eos_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
-             decode_text: Callable[[list[int]], str] | None = None,
-             on_text: Callable[[str], None] | None = None) -> GenerationOutput:  # fmt: skip
+def generate(
+    decoder: Decoder,
+    embed: Callable[[np.ndarray], np.ndarray],
+    prompt_embeds: np.ndarray,
+    attention_mask: np.ndarray,
+    max_new_tokens: int,
+    params: SamplingParams,
+    eos_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    decode_text: Callable[[list[int]], str] | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationOutput:
     """Prefill, then decode token by token until EOS, a stop string or ``max_new_tokens``.
 
     ``embed`` maps (B, 1) token ids to (B, 1, D) embeddings; streaming (``on_text``) and stop

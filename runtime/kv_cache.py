@@ -15,8 +15,9 @@ import numpy as np
 class _Preallocated:
     """One buffer for every layer's K and V, allocated once; ``length`` positions are filled."""
 
-    def __init__(self, num_layers: int, max_len: int, layer_shape: tuple[int, ...],
-                 dtype: np.dtype) -> None:  # fmt: skip
+    def __init__(
+        self, num_layers: int, max_len: int, layer_shape: tuple[int, ...], dtype: np.dtype
+    ) -> None:
         self.buffer = np.zeros((num_layers, 2, *layer_shape), dtype=dtype)
         self.num_layers = num_layers
         self.max_len = max_len
@@ -40,8 +41,15 @@ class _Preallocated:
 class KVCache(_Preallocated):
     """Time-major, (max_len, batch, kv_heads, head_dim) per layer: the portable decoder's."""
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype: np.dtype = np.float32) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: np.dtype = np.float32,
+    ) -> None:
         super().__init__(num_layers, max_len, (max_len, batch, kv_heads, head_dim), dtype)
 
     def past(self) -> dict[str, np.ndarray]:
@@ -65,8 +73,15 @@ class SharedKVCache(_Preallocated):
     """Head-major, (batch, kv_heads, max_len, head_dim) per layer, which the graph reads and
     writes itself (``decoder_gqa``)."""
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype: np.dtype = np.float32) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: np.dtype = np.float32,
+    ) -> None:
         super().__init__(num_layers, max_len, (batch, kv_heads, max_len, head_dim), dtype)
 
     def buffers(self, prefix: str) -> dict[str, np.ndarray]:

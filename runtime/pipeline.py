@@ -31,9 +31,13 @@ class GenerationResult:
     backend: str = "onnxruntime"
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids,
-                "prompt_token_ids": self.prompt_token_ids, "timings": self.timings,
-                "backend": self.backend}  # fmt: skip
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_token_ids": self.prompt_token_ids,
+            "timings": self.timings,
+            "backend": self.backend,
+        }
 
 
 def make_runner(backend: str, path: Path, name: str, **options):
@@ -59,8 +63,9 @@ def modular_vision_stages(manifest: Manifest) -> list[str]:
     return names
 
 
-def load_runners(manifest: Manifest, names: Sequence[str], backend: str, precision: str,
-                 **options) -> dict:  # fmt: skip
+def load_runners(
+    manifest: Manifest, names: Sequence[str], backend: str, precision: str, **options
+) -> dict:
     """One runner per named stage, at the variant ``precision`` picks for it (a warning for a
     variant that missed its accuracy gate). The pipeline loads its stages with it; a benchmark
     loads just the stages it times (without a second copy of the decoder)."""
@@ -74,8 +79,9 @@ def load_runners(manifest: Manifest, names: Sequence[str], backend: str, precisi
     return runners
 
 
-def run_modular_vision(runners: dict, image: PreprocessedImage,
-                       feeds_seen: dict | None = None) -> np.ndarray:  # fmt: skip
+def run_modular_vision(
+    runners: dict, image: PreprocessedImage, feeds_seen: dict | None = None
+) -> np.ndarray:
     """The modular chain (convnext, then vit.k / cvfm.k in order, then projector) on one image;
     ``feeds_seen`` (when given) collects the inputs each stage got, for timing stages alone."""
     seen = {} if feeds_seen is None else feeds_seen
@@ -118,8 +124,10 @@ def precision_chooser(spec: str, stages: Sequence[str] = ()) -> Callable[[str, S
             named[key.strip()] = value.strip()
     unknown = [k for k in named if stages and k not in (*PRECISION_GROUPS, *stages)]
     if unknown:
-        raise FilaError(f"precision {spec!r} names {', '.join(unknown)}, which is not a stage; use "
-                        f"{', '.join(PRECISION_GROUPS)} or one of {', '.join(stages)}")  # fmt: skip
+        raise FilaError(
+            f"precision {spec!r} names {', '.join(unknown)}, which is not a stage; use "
+            f"{', '.join(PRECISION_GROUPS)} or one of {', '.join(stages)}"
+        )
 
     def choose(stage: str, variants: Sequence[str]) -> str:
         group = (
@@ -129,8 +137,11 @@ def precision_chooser(spec: str, stages: Sequence[str] = ()) -> Callable[[str, S
         if wanted is not None:
             if wanted in variants:
                 return wanted
-            warnings.warn(f"stage {stage} has no {wanted} variant (it has {', '.join(variants)}); "
-                          "running it in fp32", stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"stage {stage} has no {wanted} variant (it has {', '.join(variants)}); "
+                "running it in fp32",
+                stacklevel=3,
+            )
             return "fp32"
         return next((p for p in defaults if p in variants), "fp32")
 
@@ -148,16 +159,24 @@ def choose_decoder(manifest: Manifest, backend: str, wanted: str = "auto") -> st
         if backend != "onnxruntime":
             raise FilaError("decoder 'gqa' runs on onnxruntime only; use decoder='portable'")
         if not has_gqa:
-            raise ManifestError("this export has no decoder_gqa stage (its LLM type is not "
-                                "supported, or it predates it); use decoder='portable'")  # fmt: skip
+            raise ManifestError(
+                "this export has no decoder_gqa stage (its LLM type is not "
+                "supported, or it predates it); use decoder='portable'"
+            )
         return "decoder_gqa"
     raise FilaError(f"decoder must be 'auto', 'gqa' or 'portable', got {wanted!r}")
 
 
 class FilaPipeline:
-    def __init__(self, manifest: Manifest, runners: dict, prompts: PromptBuilder,
-                 backend: str = "onnxruntime", vision_mode: str = "fused",
-                 decoder_stage: str = "decoder") -> None:  # fmt: skip
+    def __init__(
+        self,
+        manifest: Manifest,
+        runners: dict,
+        prompts: PromptBuilder,
+        backend: str = "onnxruntime",
+        vision_mode: str = "fused",
+        decoder_stage: str = "decoder",
+    ) -> None:
         self.manifest = manifest
         self.runners = runners
         self.prompts = prompts
@@ -175,9 +194,15 @@ class FilaPipeline:
         self.max_batch = axes["batch"]["max"] if "batch" in axes else 1
 
     @classmethod
-    def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime",
-                       precision: str = "fp32", vision: str = "fused", decoder: str = "auto",
-                       **options) -> FilaPipeline:  # fmt: skip
+    def from_artifacts(
+        cls,
+        folder: str | Path,
+        backend: str = "onnxruntime",
+        precision: str = "fp32",
+        vision: str = "fused",
+        decoder: str = "auto",
+        **options,
+    ) -> FilaPipeline:
         """Load (and hash-check) an export. ``vision``: ``fused`` graph or the ``modular`` chain.
         ``decoder``: ``gqa`` (ONNX Runtime's in-place GroupQueryAttention graph), ``portable``
         (standard ONNX, the TensorRT one), or ``auto``: gqa on onnxruntime when exported."""
@@ -240,11 +265,21 @@ class FilaPipeline:
                 f"{self.max_context}; shorten the prompt, lower --max-new-tokens, or use a smaller image"
             )
 
-    def generate(self, images, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 repetition_penalty: float | None = None, stop: Sequence[str] = (),
-                 raw_prompt: bool = False, history: Sequence[tuple[str, str]] = (),
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:  # fmt: skip
+    def generate(
+        self,
+        images,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        repetition_penalty: float | None = None,
+        stop: Sequence[str] = (),
+        raw_prompt: bool = False,
+        history: Sequence[tuple[str, str]] = (),
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
         """Answer ``prompt`` about one image (path, bytes, PIL image, array) or a list of them."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         timings: dict[str, float] = {}
@@ -253,9 +288,14 @@ class FilaPipeline:
         t0 = time.perf_counter()
         loaded = [preprocess(load_image(im), self.preprocess_config) for im in images]
         timings["preprocess_s"] = time.perf_counter() - t0
-        counts = [int(packing_index(im.image_size, im.grid,
-                                    self.preprocess_config.tokens_per_side).shape[0])
-                  for im in loaded]  # fmt: skip
+        counts = [
+            int(
+                packing_index(im.image_size, im.grid, self.preprocess_config.tokens_per_side).shape[
+                    0
+                ]
+            )
+            for im in loaded
+        ]
         ids = expand_image_tokens(prompt_ids, self.image_token_id, counts)
         self.check_context(len(ids), max_new_tokens)
         t0 = time.perf_counter()
@@ -269,8 +309,18 @@ class FilaPipeline:
         timings["embed_s"] = time.perf_counter() - t0
         decoder = self.new_decoder(len(ids) + max_new_tokens)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        out = generate(decoder, self.embed, embeds, np.ones_like(id_array), max_new_tokens, params,
-                       self.eos_ids, stop, self.prompts.decode, on_text)  # fmt: skip
+        out = generate(
+            decoder,
+            self.embed,
+            embeds,
+            np.ones_like(id_array),
+            max_new_tokens,
+            params,
+            self.eos_ids,
+            stop,
+            self.prompts.decode,
+            on_text,
+        )
         timings["ttft_s"] = (
             timings["preprocess_s"] + timings["vision_s"] + timings["embed_s"] + out.ttft_s
         )

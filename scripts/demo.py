@@ -56,20 +56,43 @@ def main() -> int:
     print(f"== 1. the demo model: {shown} (model card: {shown}/README.md)")
     if metrics.is_file():
         m = json.loads(metrics.read_text())
-        print(f"   trained {m['steps']} steps in {m['train_wall_s'] / 60:.1f} min on CPU; held-out "
-              f"exact match {m['accuracy']:.1%} (boundary subset {m['boundary_accuracy']:.1%})\n")  # fmt: skip
+        print(
+            f"   trained {m['steps']} steps in {m['train_wall_s'] / 60:.1f} min on CPU; held-out "
+            f"exact match {m['accuracy']:.1%} (boundary subset {m['boundary_accuracy']:.1%})\n"
+        )
     samples = read_question_set(args.examples)
     images = sorted((Path(args.examples) / "images").glob("*.png"))
     first = images[0].relative_to(ROOT) if images[0].is_relative_to(ROOT) else images[0]
     print("== 2. one question through the CLI\n")
-    fila("generate", "--checkpoint", str(shown), "--image", str(first),
-         "--prompt", samples[0].question, "--max-new-tokens", "10", threads=args.threads)  # fmt: skip
+    fila(
+        "generate",
+        "--checkpoint",
+        str(shown),
+        "--image",
+        str(first),
+        "--prompt",
+        samples[0].question,
+        "--max-new-tokens",
+        "10",
+        threads=args.threads,
+    )
     onnx_dir = work / "onnx"
     print("== 3. export every stage to ONNX (fp32 + strongly typed fp16), with a manifest\n")
-    fila("export", "--checkpoint", str(checkpoint), "--out", str(onnx_dir), "--precision", "fp16",
-         "--force", threads=args.threads)  # fmt: skip
-    print(f"== 4. all {len(samples)} bundled examples: PyTorch reference and the torch-free "
-          "runtime (ONNX Runtime), greedy\n")  # fmt: skip
+    fila(
+        "export",
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(onnx_dir),
+        "--precision",
+        "fp16",
+        "--force",
+        threads=args.threads,
+    )
+    print(
+        f"== 4. all {len(samples)} bundled examples: PyTorch reference and the torch-free "
+        "runtime (ONNX Runtime), greedy\n"
+    )
     from runtime.pipeline import FilaPipeline
 
     pipe = ReferencePipeline.from_checkpoint(checkpoint)
@@ -81,25 +104,71 @@ def main() -> int:
         ok = got == s.answer and ort == got
         right += ok
         where = "straddles a tile boundary" if s.boundary else "not on a tile boundary"
-        print(f"  {path.name}  {s.question:<26} expected {s.answer:<7} PyTorch {got:<7} "
-              f"ONNX Runtime {ort:<7} {'ok' if ok else 'WRONG'}   ({where})")  # fmt: skip
-        rows.append({"image": str(path), "question": s.question, "expected": s.answer,
-                     "answer": got, "runtime_answer": ort, "correct": ok,
-                     "boundary": s.boundary})  # fmt: skip
+        print(
+            f"  {path.name}  {s.question:<26} expected {s.answer:<7} PyTorch {got:<7} "
+            f"ONNX Runtime {ort:<7} {'ok' if ok else 'WRONG'}   ({where})"
+        )
+        rows.append(
+            {
+                "image": str(path),
+                "question": s.question,
+                "expected": s.answer,
+                "answer": got,
+                "runtime_answer": ort,
+                "correct": ok,
+                "boundary": s.boundary,
+            }
+        )
     print(f"\n  {right}/{len(samples)} correct (PyTorch and ONNX Runtime agree)\n")
     (work / "demo_answers.json").write_text(json.dumps(rows, indent=2))
     print("== 5. validate the export: task accuracy of each precision against PyTorch\n")
-    fila("validate", "--artifacts", str(onnx_dir), "--checkpoint", str(shown), "--questions",
-         str(args.examples), "--precisions", "fp32,fp16", "--tokens", "10",
-         "--threads", str(args.threads), threads=args.threads)  # fmt: skip
+    fila(
+        "validate",
+        "--artifacts",
+        str(onnx_dir),
+        "--checkpoint",
+        str(shown),
+        "--questions",
+        str(args.examples),
+        "--precisions",
+        "fp32,fp16",
+        "--tokens",
+        "10",
+        "--threads",
+        str(args.threads),
+        threads=args.threads,
+    )
     print("== 6. will TensorRT 10.3 (JetPack 6) build every graph? (no TensorRT needed)\n")
     fila("check-trt", "--artifacts", str(onnx_dir), "--trt-version", "10.3", threads=args.threads)
     print("== 7. a quick benchmark (PyTorch eager vs ONNX Runtime; see benchmarks/README.md)\n")
-    fila("bench", "--artifacts", str(onnx_dir), "--checkpoint", str(shown), "--backends",
-         "torch,onnxruntime", "--precisions", "fp32", "--images", str(Path(args.examples) / "images"),
-         "--contexts", "64,128", "--warmup", "1", "--runs", "3", "--decode-steps", "8",
-         "--answer-tokens", "8", "--threads", str(args.threads), "--out", str(work / "bench"),
-         threads=args.threads)  # fmt: skip
+    fila(
+        "bench",
+        "--artifacts",
+        str(onnx_dir),
+        "--checkpoint",
+        str(shown),
+        "--backends",
+        "torch,onnxruntime",
+        "--precisions",
+        "fp32",
+        "--images",
+        str(Path(args.examples) / "images"),
+        "--contexts",
+        "64,128",
+        "--warmup",
+        "1",
+        "--runs",
+        "3",
+        "--decode-steps",
+        "8",
+        "--answer-tokens",
+        "8",
+        "--threads",
+        str(args.threads),
+        "--out",
+        str(work / "bench"),
+        threads=args.threads,
+    )
     return 0
 
 

@@ -100,5 +100,12 @@ def run_fila(*args: str, stdin: str | None = None, env: dict | None = None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "fila_export.cli", *args], cwd=ROOT, input=stdin,
-                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "fila_export.cli", *args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )

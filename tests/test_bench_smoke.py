@@ -11,10 +11,29 @@ from benchmarks.machine import STEADY_MALLOC_ENV, steady_allocator
 
 def test_bench_writes_json_markdown_and_plots(tiny_artifacts, tiny_checkpoint, tmp_path):
     out = tmp_path / "bench"
-    r = run_fila("bench", "--artifacts", str(tiny_artifacts), "--checkpoint", str(tiny_checkpoint),
-                 "--backends", "torch,onnxruntime", "--precisions", "fp32,fp16", "--runs", "2",
-                 "--warmup", "1", "--decode-steps", "2", "--contexts", "16,64", "--rounds", "2",
-                 "--out", str(out))  # fmt: skip
+    r = run_fila(
+        "bench",
+        "--artifacts",
+        str(tiny_artifacts),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--backends",
+        "torch,onnxruntime",
+        "--precisions",
+        "fp32,fp16",
+        "--runs",
+        "2",
+        "--warmup",
+        "1",
+        "--decode-steps",
+        "2",
+        "--contexts",
+        "16,64",
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     data = json.loads((out / "results.json").read_text())
     labels = [(x["backend"], x["precision"]) for x in data["results"]]
@@ -44,8 +63,13 @@ def test_bench_writes_json_markdown_and_plots(tiny_artifacts, tiny_checkpoint, t
 
 
 def _result(backend: str, vision_ms: float, decode_ms: float, e2e_ms: float) -> dict:
-    return {"backend": backend, "precision": "fp32", "stages": {"vision": {"p50_ms": vision_ms}},
-            "decode": {"128": {"p50_ms": decode_ms}}, "end_to_end": {"p50_ms": e2e_ms}}  # fmt: skip
+    return {
+        "backend": backend,
+        "precision": "fp32",
+        "stages": {"vision": {"p50_ms": vision_ms}},
+        "decode": {"128": {"p50_ms": decode_ms}},
+        "end_to_end": {"p50_ms": e2e_ms},
+    }
 
 
 def test_compare_counts_figures_outside_the_tolerance(tmp_path):

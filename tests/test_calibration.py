@@ -34,8 +34,19 @@ from runtime.manifest import Manifest
 from runtime.pipeline import FilaPipeline, precision_chooser
 from tests.conftest import run_fila
 
-VISION = ["convnext", "vit.0", "cvfm.0", "vit.1", "cvfm.1", "vit.2", "cvfm.2", "vit.3", "cvfm.3",
-          "projector", "vision"]  # fmt: skip
+VISION = [
+    "convnext",
+    "vit.0",
+    "cvfm.0",
+    "vit.1",
+    "cvfm.1",
+    "vit.2",
+    "cvfm.2",
+    "vit.3",
+    "cvfm.3",
+    "projector",
+    "vision",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +62,21 @@ def calibrated(tiny_artifacts, docs, tmp_path_factory):
     shutil.copytree(tiny_artifacts, folder)
     from fila_export.demo import data
 
-    questions = data.write_question_set(list(data.generate(5, 3, boundary_share=0.5)),
-                                        tmp_path_factory.mktemp("questions"))  # fmt: skip
-    report = calibrate(folder, docs, num_calib=4, num_eval=2, seed=0, llm="w8,w4", tokens=4,
-                       e2e_images=1, threads=1, questions=questions)  # fmt: skip
+    questions = data.write_question_set(
+        list(data.generate(5, 3, boundary_share=0.5)), tmp_path_factory.mktemp("questions")
+    )
+    report = calibrate(
+        folder,
+        docs,
+        num_calib=4,
+        num_eval=2,
+        seed=0,
+        llm="w8,w4",
+        tokens=4,
+        e2e_images=1,
+        threads=1,
+        questions=questions,
+    )
     return folder, report
 
 
@@ -88,8 +110,9 @@ def test_split_is_seeded_and_held_out_set_does_not_depend_on_num_calib(docs):
     assert [r.path for r in a.held_out] == [r.path for r in c.held_out]
     assert not {r.path for r in a.held_out} & {r.path for r in a.calibration}
     assert len(c.calibration) == 4
-    assert (a.calibration_set_sha256 != d.calibration_set_sha256
-            or [r.path for r in a.held_out] != [r.path for r in d.held_out])  # fmt: skip
+    assert a.calibration_set_sha256 != d.calibration_set_sha256 or [r.path for r in a.held_out] != [
+        r.path for r in d.held_out
+    ]
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
@@ -136,8 +159,10 @@ def test_one_image_is_both_sets_with_a_warning(tmp_path):
 def test_prompts_jsonl(tmp_path, docs):
     folder = tmp_path / "p"
     shutil.copytree(docs, folder)
-    (tmp_path / "prompts.jsonl").write_text('{"prompt": "What is the total?", "image": "doc_000.png"}\n'
-                                            '\n{"prompt": "Read the table."}\n')  # fmt: skip
+    (tmp_path / "prompts.jsonl").write_text(
+        '{"prompt": "What is the total?", "image": "doc_000.png"}\n'
+        '\n{"prompt": "Read the table."}\n'
+    )
     with pytest.warns(CalibrationWarning, match="only 5"):
         split = split_images(folder, 10, 2, prompts=tmp_path / "prompts.jsonl")
     by_name = {r.path.name: r.prompt for r in [*split.calibration, *split.held_out]}
@@ -177,8 +202,12 @@ def test_same_images_and_seed_give_identical_scales_and_zero_points(tiny_artifac
             for stage in ("vit.0", "vision"):
                 out = tmp_path / f"{run}.{stage}.onnx"
                 quantize_vision_stage(manifest.stage_path(stage), out, store, stage, threads=1)
-        params.append({s: qdq_parameters(onnx.load(tmp_path / f"{run}.{s}.onnx"))
-                       for s in ("vit.0", "vision")})  # fmt: skip
+        params.append(
+            {
+                s: qdq_parameters(onnx.load(tmp_path / f"{run}.{s}.onnx"))
+                for s in ("vit.0", "vision")
+            }
+        )
     for stage in ("vit.0", "vision"):
         a, b = params[0][stage], params[1][stage]
         assert a and a.keys() == b.keys()
@@ -257,9 +286,12 @@ def test_w4_decoder_is_smaller_and_runs_through_the_pipeline(calibrated):
         assert not [w for w in caught if "gate" in str(w.message)]  # every variant passed
         out = pipe.generate("examples/page.png", "Hi", max_new_tokens=4)
         assert out.prompt_token_ids == ref.prompt_token_ids and len(out.token_ids) <= 4
-    names = {n: r.session._model_path.rsplit("/", 1)[-1] for n, r in
-             FilaPipeline.from_artifacts(folder, precision="vision=int8,decoder=w4",
-                                         vision="modular").runners.items()}  # fmt: skip
+    names = {
+        n: r.session._model_path.rsplit("/", 1)[-1]
+        for n, r in FilaPipeline.from_artifacts(
+            folder, precision="vision=int8,decoder=w4", vision="modular"
+        ).runners.items()
+    }
     assert names["decoder"] == "decoder_gqa.w4.onnx" and names["vit.2"] == "vit.2.int8.onnx"
     assert names["embed"] == "embed.onnx"
     rows = {r.config: r for r in report.end_to_end}
@@ -296,16 +328,25 @@ def test_w4_for_tensorrt_is_int4_qdq_that_passes_check_trt(calibrated):
     assert pipe.generate("examples/page.png", "Hi", max_new_tokens=4).token_ids
 
 
-def test_sensitivity_pass_keeps_the_worst_layers_in_fp32_until_the_gate_is_met(tiny_artifacts,
-                                                                               docs, tmp_path):  # fmt: skip
+def test_sensitivity_pass_keeps_the_worst_layers_in_fp32_until_the_gate_is_met(
+    tiny_artifacts, docs, tmp_path
+):
     manifest = Manifest.load(tiny_artifacts)
     _, store = stage_data(manifest, docs, ["vision"])
     with store:
-        full = quantize_vision_stage(manifest.stage_path("vision"), tmp_path / "a.onnx", store,
-                                     "vision", threads=1)  # fmt: skip
+        full = quantize_vision_stage(
+            manifest.stage_path("vision"), tmp_path / "a.onnx", store, "vision", threads=1
+        )
         gate = 1 - (1 - full.metrics.cosine) / 3  # needs some, not all, layers back in fp32
-        res = quantize_vision_stage(manifest.stage_path("vision"), tmp_path / "b.onnx", store,
-                                    "vision", gate_cosine=gate, max_excluded=40, threads=1)  # fmt: skip
+        res = quantize_vision_stage(
+            manifest.stage_path("vision"),
+            tmp_path / "b.onnx",
+            store,
+            "vision",
+            gate_cosine=gate,
+            max_excluded=40,
+            threads=1,
+        )
     assert res.validated and res.metrics.cosine >= gate > full.metrics.cosine
     assert 0 < len(res.excluded) <= 40
     assert [n for n, _ in res.sensitivity[: len(res.excluded)]] == res.excluded
@@ -314,14 +355,33 @@ def test_sensitivity_pass_keeps_the_worst_layers_in_fp32_until_the_gate_is_met(t
     assert len(quantized) == res.candidates - len(res.excluded)
 
 
-def test_unreachable_gate_is_written_unvalidated_with_the_best_cosine(tiny_artifacts, docs,
-                                                                      tmp_path):  # fmt: skip
+def test_unreachable_gate_is_written_unvalidated_with_the_best_cosine(
+    tiny_artifacts, docs, tmp_path
+):
     folder = tmp_path / "art"
     shutil.copytree(tiny_artifacts, folder)
-    proc = run_fila("calibrate", "--artifacts", str(folder), "--images", str(docs),
-                    "--num-calib", "3", "--num-eval", "2", "--gate-cosine", "1.0",
-                    "--max-excluded", "2", "--stages", "vit.1", "--llm", "none", "--quiet",
-                    "--threads", "1")  # fmt: skip
+    proc = run_fila(
+        "calibrate",
+        "--artifacts",
+        str(folder),
+        "--images",
+        str(docs),
+        "--num-calib",
+        "3",
+        "--num-eval",
+        "2",
+        "--gate-cosine",
+        "1.0",
+        "--max-excluded",
+        "2",
+        "--stages",
+        "vit.1",
+        "--llm",
+        "none",
+        "--quiet",
+        "--threads",
+        "1",
+    )
     assert proc.returncode == 1, proc.stderr
     assert "best cosine reached 0.99" in proc.stderr and "--max-excluded 2" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -332,14 +392,16 @@ def test_unreachable_gate_is_written_unvalidated_with_the_best_cosine(tiny_artif
 
 
 def test_cli_errors_are_one_line(tmp_path, tiny_artifacts):
-    proc = run_fila("calibrate", "--artifacts", str(tiny_artifacts), "--images",
-                    str(tmp_path / "missing"))  # fmt: skip
+    proc = run_fila(
+        "calibrate", "--artifacts", str(tiny_artifacts), "--images", str(tmp_path / "missing")
+    )
     assert proc.returncode == 1
     assert (
         proc.stderr.startswith("error: calibration image folder") and "Traceback" not in proc.stderr
     )
-    proc = run_fila("calibrate", "--artifacts", str(tiny_artifacts), "--images", str(tmp_path),
-                    "--llm", "w3")  # fmt: skip
+    proc = run_fila(
+        "calibrate", "--artifacts", str(tiny_artifacts), "--images", str(tmp_path), "--llm", "w3"
+    )
     assert proc.returncode == 1 and "--llm w3" in proc.stderr
 
 
@@ -349,8 +411,14 @@ def test_histogram_methods(tiny_artifacts, docs, tmp_path, method):
     _, store = stage_data(manifest, docs, ["vit.0", "projector"])
     with store:
         for stage in ("vit.0", "projector"):
-            res = quantize_vision_stage(manifest.stage_path(stage), tmp_path / f"{stage}.onnx",
-                                        store, stage, method=method, threads=1)  # fmt: skip
+            res = quantize_vision_stage(
+                manifest.stage_path(stage),
+                tmp_path / f"{stage}.onnx",
+                store,
+                stage,
+                method=method,
+                threads=1,
+            )
             assert res.validated and res.method == method
             assert check_trt_layout(onnx.load(tmp_path / f"{stage}.onnx")) == []
 
@@ -387,24 +455,36 @@ def test_graph_outputs_and_fp32_consumers_keep_float_tensors(tmp_path):
     from calibration.quantize import load_named, quantize_qdq
 
     rng = np.random.default_rng(0)
-    w1, w2 = (numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n)
-              for n in ("w1", "w2"))  # fmt: skip
+    w1, w2 = (
+        numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n)
+        for n in ("w1", "w2")
+    )
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["y"], name="mm1"),
-         helper.make_node("MatMul", ["y", "w2"], ["z"], name="mm2"),
-         helper.make_node("Add", ["y", "x"], ["a"], name="add")],
-        "toy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["y"], name="mm1"),
+            helper.make_node("MatMul", ["y", "w2"], ["z"], name="mm2"),
+            helper.make_node("Add", ["y", "x"], ["a"], name="add"),
+        ],
+        "toy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 8]) for n in "yza"],
         [w1, w2],
-    )  # fmt: skip
+    )
     path = tmp_path / "toy.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     store = ActivationStore()
     with store:
         for i in range(3):
             store.put("calib", i, "toy", {"x": rng.standard_normal((4, 8)).astype(np.float32)}, {})
-        q = quantize_qdq(load_named(path), tmp_path / "toy.int8.onnx", store, "toy", "minmax", [],
-                         tmp_path / "ranges.json")  # fmt: skip
+        q = quantize_qdq(
+            load_named(path),
+            tmp_path / "toy.int8.onnx",
+            store,
+            "toy",
+            "minmax",
+            [],
+            tmp_path / "ranges.json",
+        )
     producer = {o: n for n in q.graph.node for o in n.output}
     assert producer["y"].name == "mm1" and {o.name for o in q.graph.output} == {"y", "z", "a"}
     add = next(n for n in q.graph.node if n.name == "add")

@@ -130,8 +130,11 @@ def test_random_init_keeps_every_norm_and_layer_scale_near_one():
     model = FilaForConditionalGeneration(preset("tiny"))
     model.init_weights(0)
     params = dict(model.named_parameters())
-    for name in ("convnext.stem.1.weight", "convnext.stages.1.downsample.0.weight",
-                 "convnext.stages.0.blocks.0.gamma"):  # fmt: skip
+    for name in (
+        "convnext.stem.1.weight",
+        "convnext.stages.1.downsample.0.weight",
+        "convnext.stages.0.blocks.0.gamma",
+    ):
         assert abs(params[name].mean().item() - 1) < 0.1, name
     x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -130,8 +130,17 @@ def test_tampered_weights_fail_validation_and_name_the_stage(
     # with the hash updated (an export of other weights): validation finds the stage
     manifest.stages["projector"]["variants"]["fp32"]["sha256"] = sha256_file(path)
     manifest.save()
-    r = run_fila("validate", "--artifacts", str(art), "--checkpoint", str(tiny_checkpoint),
-                 "--max-images", "1", "--json", str(tmp_path / "v.json"))  # fmt: skip
+    r = run_fila(
+        "validate",
+        "--artifacts",
+        str(art),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--max-images",
+        "1",
+        "--json",
+        str(tmp_path / "v.json"),
+    )
     assert r.returncode == 1
     report = json.loads((tmp_path / "v.json").read_text())
     failed = {s["stage"] for s in report["stages"] if not s["passed"]}
@@ -140,8 +149,17 @@ def test_tampered_weights_fail_validation_and_name_the_stage(
 
 
 def test_validate_cli_passes_on_good_export(tiny_artifacts, tiny_checkpoint):
-    r = run_fila("validate", "--artifacts", str(tiny_artifacts), "--checkpoint",
-                 str(tiny_checkpoint), "--max-images", "1", "--tokens", "8")  # fmt: skip
+    r = run_fila(
+        "validate",
+        "--artifacts",
+        str(tiny_artifacts),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--max-images",
+        "1",
+        "--tokens",
+        "8",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "**PASS**" in r.stdout
 
@@ -150,13 +168,26 @@ def test_export_cli_errors_are_one_line(tiny_checkpoint, tiny_artifacts, tmp_pat
     cases = [
         (["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o1")], "does not exist"),
         (["--checkpoint", str(tiny_checkpoint), "--out", str(tiny_artifacts)], "pass --force"),
-        (["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o2"), "--stages", "bogus"],
-         "unknown stage(s) bogus"),
-    ]  # fmt: skip
+        (
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--out",
+                str(tmp_path / "o2"),
+                "--stages",
+                "bogus",
+            ],
+            "unknown stage(s) bogus",
+        ),
+    ]
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    cases.append((["--checkpoint", str(tiny_checkpoint), "--out", str(blocker / "out")],
-                  "choose a writable --out"))  # fmt: skip
+    cases.append(
+        (
+            ["--checkpoint", str(tiny_checkpoint), "--out", str(blocker / "out")],
+            "choose a writable --out",
+        )
+    )
     for args, message in cases:
         r = run_fila("export", *args)
         assert r.returncode == 1, args

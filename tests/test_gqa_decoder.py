@@ -96,8 +96,9 @@ def test_chunked_prefill_equals_one_prefill(tiny_artifacts):
     parts.prefill(embeds[:, :10], np.ones((1, 10), np.int64))
     got = parts._run(embeds[:, 10:], np.arange(10, 16)[None])
     np.testing.assert_allclose(got, want, atol=1e-4)
-    np.testing.assert_allclose(parts.cache.buffer[..., :16, :], whole.cache.buffer[..., :16, :],
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        parts.cache.buffer[..., :16, :], whole.cache.buffer[..., :16, :], atol=1e-5
+    )
 
 
 def test_padded_rows_and_wrong_backend_are_refused(tiny_artifacts):

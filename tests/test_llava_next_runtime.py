@@ -34,10 +34,12 @@ def test_transformers_saved_llava_next_runs_like_transformers(tmp_path):
     ckpt = tmp_path / "llava"
     model.save_pretrained(ckpt)
     processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
-        image_grid_pinpoints=tiny.image_grid_pinpoints, image_mean=[0.5, 0.4, 0.3],
+        size={"shortest_edge": 56},
+        crop_size={"height": 56, "width": 56},
+        image_grid_pinpoints=tiny.image_grid_pinpoints,
+        image_mean=[0.5, 0.4, 0.3],
         image_std=[0.2, 0.25, 0.3],
-    )  # fmt: skip
+    )
     processor.save_pretrained(ckpt)
     write_tokenizer(ckpt, 512, 4096)
 
@@ -52,8 +54,19 @@ def test_transformers_saved_llava_next_runs_like_transformers(tmp_path):
     image_path = tmp_path / "im.png"
     image = random_image(100, 170, seed=4)
     image.save(image_path)
-    r = run_fila("run", "--artifacts", str(art), "--image", str(image_path), "--prompt",
-                 "What is it?", "--max-new-tokens", "32", "--json", "--quiet")  # fmt: skip
+    r = run_fila(
+        "run",
+        "--artifacts",
+        str(art),
+        "--image",
+        str(image_path),
+        "--prompt",
+        "What is it?",
+        "--max-new-tokens",
+        "32",
+        "--json",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     ours = json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -73,9 +86,15 @@ def test_transformers_saved_llava_next_runs_like_transformers(tmp_path):
         ids += [t] * (n if t == tiny.image_token_index else 1)
     input_ids = torch.tensor([ids])
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, pixel_values=inputs["pixel_values"],
-                             image_sizes=inputs["image_sizes"], max_new_tokens=32,
-                             do_sample=False, eos_token_id=2, pad_token_id=0)  # fmt: skip
+        out = model.generate(
+            input_ids=input_ids,
+            pixel_values=inputs["pixel_values"],
+            image_sizes=inputs["image_sizes"],
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     theirs = out[0, input_ids.shape[1] :].tolist()
     theirs = theirs[: theirs.index(2)] if 2 in theirs else theirs
     assert len(set(theirs)) > 3

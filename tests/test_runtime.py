@@ -34,8 +34,18 @@ def test_fila_run_64_greedy_tokens_equal_reference(tiny_artifacts, tiny_checkpoi
         path = tmp_path / f"im{i}.png"
         random_image(*size, seed=i).save(path)
         want = ref.generate([path], "What is in the picture?", max_new_tokens=64)
-        r = run_fila("run", "--artifacts", str(tiny_artifacts), "--image", str(path), "--prompt",
-                     "What is in the picture?", "--max-new-tokens", "64", "--json")  # fmt: skip
+        r = run_fila(
+            "run",
+            "--artifacts",
+            str(tiny_artifacts),
+            "--image",
+            str(path),
+            "--prompt",
+            "What is in the picture?",
+            "--max-new-tokens",
+            "64",
+            "--json",
+        )
         assert r.returncode == 0, r.stderr
         result = json.loads(r.stdout.strip().splitlines()[-1])
         assert result["token_ids"] == want.token_ids, size
@@ -245,15 +255,24 @@ def test_runtime_imports_and_runs_without_torch(tiny_artifacts):
         assert not any(m.split(".")[0] in ("torch", "transformers", "timm") for m in sys.modules)
         print("ok")
     """)
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
 
 
 def test_chat_multi_turn(tiny_artifacts):
-    r = run_fila("chat", "--artifacts", str(tiny_artifacts), "--image", "examples/chelsea.jpg",
-                 "--max-new-tokens", "6", stdin="What is it?\nAnd the colour?\n\n")  # fmt: skip
+    r = run_fila(
+        "chat",
+        "--artifacts",
+        str(tiny_artifacts),
+        "--image",
+        "examples/chelsea.jpg",
+        "--max-new-tokens",
+        "6",
+        stdin="What is it?\nAnd the colour?\n\n",
+    )
     assert r.returncode == 0, r.stderr
     assert len([line for line in r.stdout.splitlines() if line.strip()]) >= 2
 

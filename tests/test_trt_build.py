@@ -42,8 +42,15 @@ def test_decoder_prefill_and_decode_profiles(tiny_artifacts):
     assert prefill.shapes["inputs_embeds"][2][1] == ctx
     assert decode.shapes["inputs_embeds"][0][1] == decode.shapes["inputs_embeds"][2][1] == 1
     assert decode.shapes["past.0.key"][0][0] == 1 and decode.shapes["past.0.key"][2][0] == ctx - 1
-    shapes = lambda s, p: {"inputs_embeds": (1, s, 64), "attention_mask": (1, p + s),  # noqa: E731
-                           "position_ids": (1, s), "past.0.key": (p, 1, 2, 16)}  # fmt: skip
+
+    def shapes(s, p):
+        return {
+            "inputs_embeds": (1, s, 64),
+            "attention_mask": (1, p + s),
+            "position_ids": (1, s),
+            "past.0.key": (p, 1, 2, 16),
+        }
+
     assert select_profile([prefill, decode], shapes(37, 0)) == 0
     assert select_profile([prefill, decode], shapes(1, 37)) == 1
 

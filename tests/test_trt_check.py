@@ -19,8 +19,14 @@ from fila_export.trt_check import (
 from runtime.errors import ManifestError
 from runtime.manifest import sha256_file
 
-F32, F16, F64, I8, U8, I64 = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE,
-                              TensorProto.INT8, TensorProto.UINT8, TensorProto.INT64)  # fmt: skip
+F32, F16, F64, I8, U8, I64 = (
+    TensorProto.FLOAT,
+    TensorProto.FLOAT16,
+    TensorProto.DOUBLE,
+    TensorProto.INT8,
+    TensorProto.UINT8,
+    TensorProto.INT64,
+)
 
 
 def model(nodes, inputs, outputs, inits=(), opset=18, domains=()):
@@ -44,8 +50,12 @@ def only(findings, rule, node):
 
 
 def relu_model(**kw):
-    return model([helper.make_node("Relu", ["x"], ["y"], name="relu")],
-                 [vi("x", F32, ["batch", 8])], [vi("y", F32, ["batch", 8])], **kw)  # fmt: skip
+    return model(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+        [vi("x", F32, ["batch", 8])],
+        [vi("y", F32, ["batch", 8])],
+        **kw,
+    )
 
 
 # --- the real export -----------------------------------------------------------------------------
@@ -85,23 +95,36 @@ def test_unknown_version_is_one_line_error(tmp_path, capsys):
 
 # --- planted problems ----------------------------------------------------------------------------
 def test_unsupported_ops():
-    m = model([helper.make_node("Gelu", ["x"], ["g"], name="ms_gelu", domain="com.microsoft"),
-               helper.make_node("Unique", ["g"], ["y"], name="uniq")],
-              [vi("x", F32, [4])], [vi("y", F32, None)], domains=["com.microsoft"])  # fmt: skip
+    m = model(
+        [
+            helper.make_node("Gelu", ["x"], ["g"], name="ms_gelu", domain="com.microsoft"),
+            helper.make_node("Unique", ["g"], ["y"], name="uniq"),
+        ],
+        [vi("x", F32, [4])],
+        [vi("y", F32, None)],
+        domains=["com.microsoft"],
+    )
     findings = check_model(m, axes={})
     assert "com.microsoft:Gelu" in only(findings, "op", "ms_gelu").message
     assert "Unique is not supported" in only(findings, "op", "uniq").message
     # an op that exists only in newer tables: in 10.x, not in 10.3
-    rms = model([helper.make_node("RMSNormalization", ["x", "s"], ["y"], name="rms")],
-                 [vi("x", F32, [2, 8])], [vi("y", F32, [2, 8])],
-                 [tensor("s", np.ones(8, np.float32))], opset=23)  # fmt: skip
+    rms = model(
+        [helper.make_node("RMSNormalization", ["x", "s"], ["y"], name="rms")],
+        [vi("x", F32, [2, 8])],
+        [vi("y", F32, [2, 8])],
+        [tensor("s", np.ones(8, np.float32))],
+        opset=23,
+    )
     assert only(check_model(rms, "10.3"), "op", "rms")
     assert not [f for f in check_model(rms, "10.x") if f.rule == "op"]
 
 
 def test_uncovered_dynamic_axis():
-    m = model([helper.make_node("Relu", ["x"], ["y"], name="relu")],
-              [vi("x", F32, ["batch", "3*frames", None])], [vi("y", F32, None)])  # fmt: skip
+    m = model(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+        [vi("x", F32, ["batch", "3*frames", None])],
+        [vi("y", F32, None)],
+    )
     axes = {"batch": {"min": 1, "opt": 1, "max": 4}}
     findings = [f for f in check_model(m, axes=axes) if f.rule == "dynamic-axis"]
     assert len(findings) == 2 and all(f.node == "x" for f in findings)
@@ -142,8 +165,11 @@ def test_asymmetric_qdq():
 def per_channel(op, weight_shape, axis, channels, **attrs):
     rng = np.random.default_rng(0)
     w = rng.integers(-100, 100, weight_shape).astype(np.int8)
-    inits = [tensor("w_q", w), tensor("w_s", np.full(channels, 0.01, np.float32)),
-             tensor("w_zp", np.zeros(channels, np.int8))]  # fmt: skip
+    inits = [
+        tensor("w_q", w),
+        tensor("w_s", np.full(channels, 0.01, np.float32)),
+        tensor("w_zp", np.zeros(channels, np.int8)),
+    ]
     dq = helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], name="w_dq", axis=axis)
     if op == "Conv":
         x, y = vi("x", F32, [1, weight_shape[1], 8, 8]), vi("y", F32, None)
@@ -174,21 +200,32 @@ def test_per_channel_weight_on_wrong_axis():
 
 def test_layernorm_forced_to_fp16():
     inits = [tensor("g", np.ones(8, np.float16)), tensor("b", np.zeros(8, np.float16))]
-    m = model([helper.make_node("Cast", ["x"], ["h"], name="to_half", to=F16),
-               helper.make_node("LayerNormalization", ["h", "g", "b"], ["n"], name="ln", axis=-1),
-               helper.make_node("Softmax", ["n"], ["y"], name="attn_softmax", axis=-1)],
-              [vi("x", F32, [2, 8])], [vi("y", F16, [2, 8])], inits)  # fmt: skip
+    m = model(
+        [
+            helper.make_node("Cast", ["x"], ["h"], name="to_half", to=F16),
+            helper.make_node("LayerNormalization", ["h", "g", "b"], ["n"], name="ln", axis=-1),
+            helper.make_node("Softmax", ["n"], ["y"], name="attn_softmax", axis=-1),
+        ],
+        [vi("x", F32, [2, 8])],
+        [vi("y", F16, [2, 8])],
+        inits,
+    )
     findings = check_model(m, precision="fp16")
     assert "LayerNorm forced to fp16" in only(findings, "fp32-norm", "ln").message
     assert "forced to fp16" in only(findings, "fp32-norm", "attn_softmax").message
 
 
 def test_float64_and_int8_outside_qdq():
-    m = model([helper.make_node("Cast", ["x"], ["x32"], name="down", to=F32),
-               helper.make_node("Gather", ["table", "ids"], ["rows"], name="lookup"),
-               helper.make_node("Cast", ["x32"], ["y"], name="up", to=F64)],
-              [vi("x", F64, [2, 8]), vi("ids", I64, [3])], [vi("y", F64, [2, 8]), vi("rows", I8, [3, 4])],
-              [tensor("table", np.ones((6, 4), np.int8))])  # fmt: skip
+    m = model(
+        [
+            helper.make_node("Cast", ["x"], ["x32"], name="down", to=F32),
+            helper.make_node("Gather", ["table", "ids"], ["rows"], name="lookup"),
+            helper.make_node("Cast", ["x32"], ["y"], name="up", to=F64),
+        ],
+        [vi("x", F64, [2, 8]), vi("ids", I64, [3])],
+        [vi("y", F64, [2, 8]), vi("rows", I8, [3, 4])],
+        [tensor("table", np.ones((6, 4), np.int8))],
+    )
     findings = check_model(m)
     assert "float64" in only(findings, "dtype", "x").message
     assert "float64" in only(findings, "dtype", "y").message
@@ -198,13 +235,20 @@ def test_float64_and_int8_outside_qdq():
 
 def test_const_input_and_op_dtype():
     # 10.3 needs Unsqueeze axes as a constant (dynamic axes arrived in 10.7)
-    m = model([helper.make_node("Unsqueeze", ["x", "axes"], ["y"], name="unsq")],
-              [vi("x", F32, [4]), vi("axes", I64, [1])], [vi("y", F32, None)])  # fmt: skip
+    m = model(
+        [helper.make_node("Unsqueeze", ["x", "axes"], ["y"], name="unsq")],
+        [vi("x", F32, [4]), vi("axes", I64, [1])],
+        [vi("y", F32, None)],
+    )
     assert only(check_model(m, "10.3", axes={}), "const-input", "unsq")
     assert not [f for f in check_model(m, "10.x", axes={}) if f.rule == "const-input"]
     # integer Pow arrived in 10.8
-    p = model([helper.make_node("Pow", ["x", "e"], ["y"], name="ipow")],
-              [vi("x", I64, [4])], [vi("y", I64, [4])], [tensor("e", np.int64(2))])  # fmt: skip
+    p = model(
+        [helper.make_node("Pow", ["x", "e"], ["y"], name="ipow")],
+        [vi("x", I64, [4])],
+        [vi("y", I64, [4])],
+        [tensor("e", np.int64(2))],
+    )
     assert "int64" in only(check_model(p, "10.3"), "op-dtype", "ipow").message
     assert not check_model(p, "10.x")
 
@@ -220,21 +264,37 @@ def write_export(folder, graphs: dict) -> None:
         onnx.save(m, str(path))
         stages[stage] = {
             "inputs": [{"name": i.name, "dtype": "float32", "shape": []} for i in m.graph.input],
-            "outputs": [], "axes": axes,
-            "variants": {"fp32": {"file": path.name, "sha256": sha256_file(path), "precision": "fp32"}},
-        }  # fmt: skip
+            "outputs": [],
+            "axes": axes,
+            "variants": {
+                "fp32": {"file": path.name, "sha256": sha256_file(path), "precision": "fp32"}
+            },
+        }
     manifest = {"format": 1, "stages": stages, "preprocess": {}, "model": {}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_check_artifacts_and_cli_on_planted_export(tmp_path, capsys):
     batch = {"batch": {"min": 1, "opt": 2, "max": 4}}
-    write_export(tmp_path / "art", {
-        "good": (relu_model(), batch),
-        "bad": (model([helper.make_node("Gelu", ["x"], ["y"], name="ms_gelu", domain="com.microsoft")],
-                      [vi("x", F32, ["tiles", 8])], [vi("y", F32, ["tiles", 8])],
-                      domains=["com.microsoft"]), batch),
-    })  # fmt: skip
+    write_export(
+        tmp_path / "art",
+        {
+            "good": (relu_model(), batch),
+            "bad": (
+                model(
+                    [
+                        helper.make_node(
+                            "Gelu", ["x"], ["y"], name="ms_gelu", domain="com.microsoft"
+                        )
+                    ],
+                    [vi("x", F32, ["tiles", 8])],
+                    [vi("y", F32, ["tiles", 8])],
+                    domains=["com.microsoft"],
+                ),
+                batch,
+            ),
+        },
+    )
     report = check_artifacts(tmp_path / "art")
     assert report.graphs == [("good", "fp32"), ("bad", "fp32")]
     assert {(f.stage, f.node, f.rule) for f in report} == {

@@ -111,8 +111,10 @@ class DoublingEngine(FakeEngine):
 def test_profile_selection_and_buffers_allocated_once():
     mem = FakeMemory()
     engine = DoublingEngine({"x": "float32"}, {"y": "float32"}, mem)
-    profiles = [Profile("small", {"x": ((1, 4), (2, 4), (3, 4))}),
-                Profile("big", {"x": ((4, 4), (5, 4), (8, 4))})]  # fmt: skip
+    profiles = [
+        Profile("small", {"x": ((1, 4), (2, 4), (3, 4))}),
+        Profile("big", {"x": ((4, 4), (5, 4), (8, 4))}),
+    ]
     runner = TrtRunner(engine, profiles, "double", mem)
     allocated = list(mem.allocs)
     assert allocated == [8 * 4 * 4, 8 * 4 * 4]  # x and y at the largest profile shape
@@ -150,15 +152,24 @@ class KvEngine(FakeEngine):
 
 def test_decoder_kv_cache_bound_in_place():
     mem = FakeMemory()
-    ins = {"inputs_embeds": "float32", "attention_mask": "int64", "position_ids": "int64",
-           "past.0.key": "float32", "past.0.value": "float32"}  # fmt: skip
+    ins = {
+        "inputs_embeds": "float32",
+        "attention_mask": "int64",
+        "position_ids": "int64",
+        "past.0.key": "float32",
+        "past.0.value": "float32",
+    }
     outs = {"logits": "float32", "present.0.key": "float32", "present.0.value": "float32"}
     engine = KvEngine(ins, outs, mem)
 
     def shapes(batch, seq, past):
-        return {"inputs_embeds": (batch, seq, 3), "attention_mask": (batch, past + seq),
-                "position_ids": (batch, seq), "past.0.key": (past, batch, 1, 2),
-                "past.0.value": (past, batch, 1, 2)}  # fmt: skip
+        return {
+            "inputs_embeds": (batch, seq, 3),
+            "attention_mask": (batch, past + seq),
+            "position_ids": (batch, seq),
+            "past.0.key": (past, batch, 1, 2),
+            "past.0.value": (past, batch, 1, 2),
+        }
 
     prefill = Profile(
         "prefill", {k: (v, v, shapes(1, 16, 0)[k]) for k, v in shapes(1, 1, 0).items()}

@@ -38,8 +38,9 @@ def test_question_set_paths_resolve_against_the_file(question_set):
 
 
 def test_onnx_fp32_answers_equal_pytorch(tiny_checkpoint, tiny_artifacts, question_set):
-    report = answer_accuracy(question_set, tiny_checkpoint, tiny_artifacts, ["fp32"],
-                             max_new_tokens=6)  # fmt: skip
+    report = answer_accuracy(
+        question_set, tiny_checkpoint, tiny_artifacts, ["fp32"], max_new_tokens=6
+    )
     torch_row, onnx_row = report["rows"]
     assert (torch_row["backend"], onnx_row["backend"]) == ("torch", "onnxruntime")
     assert onnx_row["same_as_torch"] == onnx_row["n"] == 3 and report["passed"]
@@ -51,9 +52,19 @@ def test_onnx_fp32_answers_equal_pytorch(tiny_checkpoint, tiny_artifacts, questi
     for rec, ans in zip(recs, report["answers"]["torch/fp32"], strict=True):
         rec["answer"] = ans
     fixed.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    res = run_fila("validate", "--artifacts", str(tiny_artifacts), "--checkpoint",
-                   str(tiny_checkpoint), "--questions", str(fixed), "--tokens", "6",
-                   "--json", str(fixed.parent / "report.json"))  # fmt: skip
+    res = run_fila(
+        "validate",
+        "--artifacts",
+        str(tiny_artifacts),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--questions",
+        str(fixed),
+        "--tokens",
+        "6",
+        "--json",
+        str(fixed.parent / "report.json"),
+    )
     assert res.returncode == 0, res.stderr
     assert "exact match" in res.stdout
     rows = json.loads((fixed.parent / "report.json").read_text())["rows"]

@@ -12,8 +12,12 @@ from runtime.backends.base import TensorMeta
 from runtime.errors import FilaError
 
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-          "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}  # fmt: skip
+LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 class BackendError(FilaError):
@@ -31,8 +35,10 @@ def choose_providers(requested: Sequence[str] | None) -> list[str]:
     available = available_providers()
     if not requested:
         return ["CPUExecutionProvider"]
-    names = [p if p.endswith("ExecutionProvider") else f"{p.capitalize()}ExecutionProvider"
-             for p in requested]  # fmt: skip
+    names = [
+        p if p.endswith("ExecutionProvider") else f"{p.capitalize()}ExecutionProvider"
+        for p in requested
+    ]
     names = [{"CudaExecutionProvider": "CUDAExecutionProvider"}.get(n, n) for n in names]
     missing = [n for n in names if n not in available]
     if missing:
@@ -43,8 +49,9 @@ def choose_providers(requested: Sequence[str] | None) -> list[str]:
     return names if "CPUExecutionProvider" in names else [*names, "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None, level: str = "all",
-                    optimized_cache: Path | None = None):  # fmt: skip
+def session_options(
+    threads: int | None = None, level: str = "all", optimized_cache: Path | None = None
+):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -63,9 +70,15 @@ def session_options(threads: int | None = None, level: str = "all",
 class OrtRunner:
     """One ONNX graph in an InferenceSession."""
 
-    def __init__(self, path: Path, name: str | None = None, providers: Sequence[str] | None = None,
-                 threads: int | None = None, level: str = "all",
-                 cache_dir: Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        name: str | None = None,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        level: str = "all",
+        cache_dir: Path | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         self.name = name or Path(path).stem

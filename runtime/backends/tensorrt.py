@@ -63,8 +63,15 @@ class CudaMemory:
         self._check(self.cudart.cudaStreamSynchronize(self.stream))
 
 
-def check_build_info(info: dict, entry: dict, source_sha256: str, trt_version: str,
-                     gpu_name: str | None, artifacts: Path, stage: str) -> None:  # fmt: skip
+def check_build_info(
+    info: dict,
+    entry: dict,
+    source_sha256: str,
+    trt_version: str,
+    gpu_name: str | None,
+    artifacts: Path,
+    stage: str,
+) -> None:
     """Refuse a plan built for another TensorRT, GPU or ONNX file."""
     fix = REBUILD.format(art=artifacts, stage=stage)
     if info.get("tensorrt") != trt_version:
@@ -249,8 +256,16 @@ def _is_input(engine, name: str) -> bool:
 
 def _np_dtype(trt_dtype) -> str:
     name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1].upper()
-    return {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64",
-            "BOOL": "bool", "INT8": "int8", "UINT8": "uint8", "BF16": "float32"}[name]  # fmt: skip
+    return {
+        "FLOAT": "float32",
+        "HALF": "float16",
+        "INT32": "int32",
+        "INT64": "int64",
+        "BOOL": "bool",
+        "INT8": "int8",
+        "UINT8": "uint8",
+        "BF16": "float32",
+    }[name]
 
 
 def load_engine_runner(onnx_path: Path, name: str, precision: str | None = None, memory=None):
@@ -268,8 +283,14 @@ def load_engine_runner(onnx_path: Path, name: str, precision: str | None = None,
             f"no engines in {artifacts / 'engines'}; build them: fila build --artifacts {artifacts}"
         )
     info = json.loads(info_path.read_text())
-    entry = next((e for e in info["engines"].values()
-                  if e["stage"] == name and e["source_onnx"] == onnx_path.name), None)  # fmt: skip
+    entry = next(
+        (
+            e
+            for e in info["engines"].values()
+            if e["stage"] == name and e["source_onnx"] == onnx_path.name
+        ),
+        None,
+    )
     if entry is None:
         raise EngineMismatchError(
             f"no engine for stage {name} from {onnx_path.name}; {REBUILD.format(art=artifacts, stage=name)}"
