@@ -28,9 +28,13 @@ from benchmarks.machine import (
     steady_allocator,
 )
 from benchmarks.stats import sample, summarize
-from benchmarks.targets import STAGE_GROUPS, decode_weight_bytes, runtime_target, torch_target
+from benchmarks.targets import STAGE_GROUPS, decode_weight_bytes, runtime_target
+from fila_export.demo import PHOTOS
 from runtime.errors import FilaError
 from runtime.generate import DecoderShape
+from runtime.image_io import find_images
+from runtime.manifest import Manifest
+from runtime.variants import decoder_stages
 
 
 @dataclass(frozen=True)
@@ -208,17 +212,12 @@ def run_bench(
         raise FilaError(f"--rounds must be at least 1 (got {rounds})")
     if "torch" in backends and checkpoint is None:
         raise FilaError("the torch baseline needs --checkpoint (or leave torch out of --backends)")
-    from fila_export.validate import find_images
-    from runtime.manifest import Manifest
-
     artifacts = Path(artifacts)
     manifest = Manifest.load(artifacts)
-    max_ctx = min(
-        s["axes"]["total"]["max"] for n, s in manifest.stages.items() if n.startswith("decoder")
-    )
+    max_ctx = min(manifest.stage(n)["axes"]["total"]["max"] for n in decoder_stages(manifest))
     bw = measure_bandwidth(threads=threads)
     settings = BenchSettings(
-        image=find_images(images)[0],
+        image=find_images(images or PHOTOS)[0],
         prompt=prompt,
         answer_tokens=answer_tokens,
         threads=threads,
@@ -239,32 +238,13 @@ def run_bench(
         for p in (["fp32"] if b == "torch" else precisions)
         for d in (decoders if b == "onnxruntime" else ["auto"])
     ]
-    spawn = multiprocessing.get_context("spawn")
-    rounds_of: dict[tuple, list[dict]] = {c: [] for c in columns}
-    # every round of every column in a fresh process, the columns taking turns round by round: a
-    # slow spell of the machine lasting minutes lands on every column a little, not on one column
-    # (one run measuring each column in one go had one column 10 % slow throughout), no column
-    # inherits another's allocator state, thread pools or memory, and its peak RSS is its own
-    with steady_allocator():
-        for r in range(rounds):
-            for column in columns:
-                t0 = time.perf_counter()
-                with spawn.Pool(1) as pool:
-                    rounds_of[column].append(
-                        pool.apply(bench_column, (*column, artifacts, checkpoint, settings))
-                    )
-                print(
-                    f"round {r + 1}/{rounds}: {' '.join(column)} "
-                    f"({time.perf_counter() - t0:.0f} s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    rounds_of = measure_columns(columns, artifacts, checkpoint, settings)
+    machine = machine_info() | {
+        "measured_bandwidth_gb_s": bw["best"] / 1e9,
+        "bandwidth_gb_s": {k: v / 1e9 for k, v in bw.items()},
+    }
     out = {
-        "machine": machine_info()
-        | {
-            "measured_bandwidth_gb_s": bw["best"] / 1e9,
-            "bandwidth_gb_s": {k: v / 1e9 for k, v in bw.items()},
-        },
+        "machine": machine,
         "artifacts": str(artifacts),
         "image": str(settings.image),
         "prompt": prompt,
@@ -279,6 +259,29 @@ def run_bench(
     return out
 
 
+def measure_columns(columns: list[tuple], artifacts: Path, checkpoint, s: BenchSettings) -> dict:
+    """Every round of every column in a fresh process, the columns taking turns round by round: a
+    slow spell of the machine lasting minutes lands on every column a little, not on one column
+    (one run measuring each column in one go had one column 10 % slow throughout), no column
+    inherits another's allocator state, thread pools or memory, and its peak RSS is its own."""
+    spawn = multiprocessing.get_context("spawn")
+    rounds_of: dict[tuple, list[dict]] = {c: [] for c in columns}
+    with steady_allocator():
+        for r in range(s.rounds):
+            for column in columns:
+                t0 = time.perf_counter()
+                with spawn.Pool(1) as pool:
+                    result = pool.apply(bench_column, (*column, artifacts, checkpoint, s))
+                rounds_of[column].append(result)
+                print(
+                    f"round {r + 1}/{s.rounds}: {' '.join(column)} "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return rounds_of
+
+
 def bench_column(
     backend: str,
     precision: str,
@@ -290,6 +293,8 @@ def bench_column(
     """One round of one backend x precision x decoder column, loaded and measured in this process."""
     rss_at_start = rss_mb()  # the interpreter and imports; the process is this round's alone
     if backend == "torch":
+        from benchmarks.torch_target import torch_target
+
         target = torch_target(Path(checkpoint), s.image, s.prompt, s.answer_tokens, s.threads)
     else:
         target = runtime_target(
@@ -335,5 +340,10 @@ def save(out: dict, folder: str | Path) -> list[Path]:
     paths = [folder / "results.json", folder / "results.md"]
     paths[0].write_text(json.dumps(out, indent=2))
     paths[1].write_text(markdown(out))
-    paths += plots(out, folder)
+    try:
+        paths += plots(out, folder)
+    except ModuleNotFoundError as exc:  # a board without matplotlib still gets its tables
+        if exc.name != "matplotlib":
+            raise
+        print("plots skipped: matplotlib is not installed", file=sys.stderr)
     return paths

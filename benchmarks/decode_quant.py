@@ -44,9 +44,10 @@ def decode_rate(runner, embed, manifest, context: int, steps: int, warmup: int) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from calibration.quantize import file_size
+    from runtime import onnx_io
+    from runtime.backends import load_runner
     from runtime.manifest import Manifest
-    from runtime.pipeline import choose_decoder, make_runner
+    from runtime.variants import choose_decoder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--artifacts", required=True, help="export with a w4 (or w8) decoder variant")
@@ -59,19 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
-    manifest = Manifest.load(args.artifacts, verify=False)
+    manifest = Manifest.load(args.artifacts)
     opts = {"threads": args.threads} if args.threads else {}
-    embed_runner = make_runner("onnxruntime", manifest.stage_path("embed"), "embed", **opts)
+    embed_runner = load_runner("onnxruntime", manifest, "embed", "fp32", **opts)
 
     def embed(ids):
         return embed_runner.infer({"input_ids": ids})["inputs_embeds"]
 
     precisions = ["fp32", args.precision]
     stage = choose_decoder(manifest, "onnxruntime")
-    runners = {
-        q: make_runner("onnxruntime", manifest.stage_path(stage, q), stage, **opts)
-        for q in precisions
-    }
+    runners = {q: load_runner("onnxruntime", manifest, stage, q, **opts) for q in precisions}
     rates: dict[str, list[float]] = {q: [] for q in precisions}
     for _ in range(args.rounds):
         for q in precisions:
@@ -86,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "variants": {},
     }
     for q in precisions:
-        size = file_size(manifest.stage_path(stage, q))
+        size = onnx_io.file_bytes(manifest.stage_path(stage, q))
         med = statistics.median(rates[q])
         result["variants"][q] = {"tokens_per_s": med, "all_rounds": rates[q], "bytes": size}
         print(

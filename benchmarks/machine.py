@@ -33,13 +33,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict:
-    import psutil
+def memory_bytes() -> int:
+    """Physical memory of this machine."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
+
+def machine_info() -> dict:
     info = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "memory_gb": round(memory_bytes() / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {
@@ -94,8 +100,9 @@ def measure_bandwidth(
 
 
 def _gemv_read(nbytes: int, repeats: int, threads: int | None) -> float:
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from runtime import onnx_io
 
     rows = 4096
     weight = np.ones((rows, nbytes // 4 // rows), dtype=np.float32)
@@ -107,12 +114,7 @@ def _gemv_read(nbytes: int, repeats: int, threads: int | None) -> float:
         [numpy_helper.from_array(weight, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-    )
+    session = onnx_io.session(model, threads)
     del model, graph
     x = {"x": np.ones((1, rows), dtype=np.float32)}
     best = float("inf")

@@ -9,43 +9,38 @@ files are moved next to the fp32 graphs (``vit.0.int8.onnx``, ``decoder.w4.onnx`
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from calibration.agreement import (
+    Variants,
+    compare_end_to_end,
+    llm_stage,
+    pipeline_bytes,
+    task_accuracy,
+)
 from calibration.dataset import (
     ActivationStore,
     CalibrationError,
+    CalibrationSplit,
     collect_stage_data,
     hash_images,
     split_images,
     vision_stages,
 )
-from calibration.quantize import (
-    LLM_PRECISIONS,
-    METHODS,
-    MetricAccumulator,
-    StageQuantization,
-    file_size,
-    quantize_decoder,
-    quantize_decoder_int4_qdq,
-    quantize_vision_stage,
-    session,
-)
-from calibration.report import (
-    DECODER_TOLERANCES,
-    AgreementRow,
-    CalibrationReport,
-    StageRow,
-    agreement,
-    decoder_accuracy,
-    greedy_tokens,
-    prompt_embeds,
-)
+from calibration.qdq import METHODS
+from calibration.report import CalibrationReport, StageRow
+from calibration.sensitivity import StageQuantization, quantize_vision_stage
+from calibration.weight_only import LLM_PRECISIONS, quantize_decoder, quantize_decoder_int4_qdq
+from runtime import onnx_io
+from runtime.backends.onnxruntime import OrtRunner, SessionLoader
+from runtime.compare import MetricAccumulator, tolerance
 from runtime.manifest import Manifest, file_entry
+from runtime.vision import walk_chain
 
 QUANT_SCHEME = {
     "int8": {
@@ -75,198 +70,240 @@ QUANT_SCHEME = {
 }
 
 
-def parse_llm(text: str | Sequence[str] | None) -> list[str]:
-    items = text.split(",") if isinstance(text, str) else list(text or [])
-    items = [i.strip() for i in items if i and i.strip() and i.strip() != "none"]
-    bad = [i for i in items if i not in LLM_PRECISIONS]
-    if bad:
-        raise CalibrationError(f"--llm {', '.join(bad)}: use w8, w4, both (w8,w4) or none")
-    return list(dict.fromkeys(items))
+@dataclass
+class CalibrationSettings:
+    """How to calibrate (the ``fila calibrate`` options)."""
+
+    method: str = "minmax"
+    num_calib: int = 32
+    num_eval: int = 8
+    gate_cosine: float = 0.99
+    seed: int = 0
+    llm: str | Sequence[str] | None = ("w8", "w4")
+    max_excluded: int = 16
+    stages: Sequence[str] | None = None  # vision stages to quantize (default: all)
+    prompts: str | Path | None = None
+    tokens: int = 16
+    e2e_images: int = 3
+    rank_images: int = 1
+    llm_accuracy_level: int = 4
+    threads: int | None = None
+    questions: str | Path | None = None
+
+    def llm_precisions(self) -> list[str]:
+        """The decoder variants asked for; every other setting checked on the way."""
+        if self.method not in METHODS:
+            raise CalibrationError(f"unknown --method {self.method!r}; use {', '.join(METHODS)}")
+        if not 0 < self.gate_cosine <= 1:
+            raise CalibrationError(f"--gate-cosine must be in (0, 1], got {self.gate_cosine}")
+        if self.max_excluded < 0:
+            raise CalibrationError(f"--max-excluded must be 0 or more, got {self.max_excluded}")
+        text = self.llm
+        items = text.split(",") if isinstance(text, str) else list(text or [])
+        items = [i.strip() for i in items if i and i.strip() and i.strip() != "none"]
+        bad = [i for i in items if i not in LLM_PRECISIONS]
+        if bad:
+            raise CalibrationError(f"--llm {', '.join(bad)}: use w8, w4, both (w8,w4) or none")
+        return list(dict.fromkeys(items))
 
 
 def calibrate(
     artifacts: str | Path,
     images: str | Path,
-    method: str = "minmax",
-    num_calib: int = 32,
-    num_eval: int = 8,
-    gate_cosine: float = 0.99,
-    seed: int = 0,
-    llm: str | Sequence[str] | None = ("w8", "w4"),
-    max_excluded: int = 16,
-    stages: Sequence[str] | None = None,
-    prompts: str | Path | None = None,
-    tokens: int = 16,
-    e2e_images: int = 3,
-    rank_images: int = 1,
-    llm_accuracy_level: int = 4,
-    threads: int | None = None,
-    questions: str | Path | None = None,
+    settings: CalibrationSettings | None = None,
     log: Callable[[str], None] | None = None,
+    **options,
 ) -> CalibrationReport:
     """Quantize the vision stages (int8) and the decoder (w8/w4) of an export; returns the report
-    (also written as calibration_report.md/.json into the export). ``questions`` (a JSONL of
-    image, question, answer) adds exact-match task accuracy of fp32 and every variant mix."""
+    (also written as calibration_report.md/.json into the export). ``options`` override fields of
+    ``settings``; ``questions`` (a JSONL of image, question, answer) adds exact-match task accuracy
+    of fp32 and every variant mix."""
+    s = dataclasses.replace(settings or CalibrationSettings(), **options)
+    llm_list = s.llm_precisions()
     say = log or (lambda msg: None)
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise CalibrationError(f"unknown --method {method!r}; use {', '.join(METHODS)}")
-    if not 0 < gate_cosine <= 1:
-        raise CalibrationError(f"--gate-cosine must be in (0, 1], got {gate_cosine}")
-    if max_excluded < 0:
-        raise CalibrationError(f"--max-excluded must be 0 or more, got {max_excluded}")
-    llm_list = parse_llm(llm)
     folder = Path(artifacts)
     manifest = Manifest.load(folder)
-    names = vision_stages(manifest)
-    if stages:
-        unknown = [s for s in stages if s not in names]
-        if unknown:
-            raise CalibrationError(
-                f"--stages {', '.join(unknown)}: not a vision stage of this export "
-                f"(it has {', '.join(names)})"
-            )
-        names = [s for s in names if s in stages]
-    split = split_images(images, num_calib, num_eval, seed, prompts)
-    say(
-        f"{len(split.calibration)} calibration / {len(split.held_out)} held-out image(s)"
-        + (f", {len(split.skipped)} unreadable skipped" if split.skipped else "")
-    )
+    names = chosen_vision_stages(manifest, s.stages)
+    split = split_images(images, s.num_calib, s.num_eval, s.seed, s.prompts)
+    skipped = f", {len(split.skipped)} unreadable skipped" if split.skipped else ""
+    say(f"{len(split.calibration)} calibration / {len(split.held_out)} held-out image(s){skipped}")
     report = CalibrationReport(
-        str(folder), method, gate_cosine, seed, max_excluded, split.to_dict()
+        str(folder), s.method, s.gate_cosine, s.seed, s.max_excluded, split.to_dict()
     )
-    eval_hash = hash_images(split.held_out)
     store = ActivationStore()
     work = store.root / "graphs"
     work.mkdir()
-    entries: dict[tuple[str, str], dict] = {}
     try:
-        needed = sorted(
-            set(names) | {"vision"} & set(manifest.stages), key=[*names, "vision"].index
-        )
+        needed = [
+            *names,
+            *(["vision"] if "vision" in manifest.stages and "vision" not in names else []),
+        ]
         say("running the fp32 vision stages on every image")
-        collect_stage_data(manifest, split, store, needed, threads)
-        results: dict[str, StageQuantization] = {}
-        for name in names:
-            res = quantize_vision_stage(
-                manifest.stage_path(name),
-                work / f"{name}.int8.onnx",
-                store,
-                name,
-                method,
-                gate_cosine,
-                max_excluded,
-                rank_images,
-                threads,
-                store.root,
-                say,
-            )
-            results[name] = res
-            if res.message:
-                report.messages.append(res.message)
-            report.stages.append(
-                StageRow(
-                    name,
-                    "int8",
-                    f"{name}.int8.onnx",
-                    file_size(res.file),
-                    file_size(manifest.stage_path(name)),
-                    res.metrics,
-                    res.validated,
-                    f"cosine >= {gate_cosine}",
-                    res.excluded,
-                    res.candidates,
-                    res.quantized,
-                    res.full_metrics.cosine if res.full_metrics else None,
-                    res.trials,
-                    res.message,
-                    res.layout_problems,
-                )
-            )
-            entries[(name, "int8")] = {
-                "precision": "int8",
-                "method": method,
-                "calibration_set_sha256": split.calibration_set_sha256,
-                "evaluation_set_sha256": eval_hash,
-                "excluded_layers": res.excluded,
-                "accuracy": _accuracy(res.metrics),
-                "validated": res.validated,
-                "gate": {"cosine": gate_cosine},
-                "scheme": QUANT_SCHEME["int8"],
-            }
-        chain = [s for s in manifest.data.get("vision_chain", []) if s in manifest.stages]
-        limit = min(e2e_images, len(split.held_out))
-        if chain and all(s in results for s in chain) and "vision" in manifest.stages:
-            say("modular int8 chain end to end")
-            report.modular_chain = _chain_accuracy(chain, results, store, limit, threads)
-        decoder_files = {}
-        llm = llm_stage(manifest)
-        for precision in llm_list:
-            say(f"{llm} {precision}")
-            path = work / f"{llm}.{precision}.onnx"
-            quantize_decoder(
-                manifest.stage_path(llm), path, precision, accuracy_level=llm_accuracy_level
-            )
-            decoder_files[precision] = path
-        trt_files = {}
-        if "w4" in llm_list and llm != "decoder":  # the portable graph: TensorRT's INT4 WoQ form
-            say("decoder w4 (Q/DQ for TensorRT)")
-            trt_files["w4"] = work / "decoder.w4.onnx"
-            # from the fp16 graph when there is one: TensorRT's int4 weight-only GEMMs are W4A16
-            base = "fp16" if "fp16" in manifest.stage("decoder")["variants"] else "fp32"
-            quantize_decoder_int4_qdq(manifest.stage_path("decoder", base), trt_files["w4"])
-        if limit and (decoder_files or results.get("vision")):
-            _end_to_end(
-                manifest,
-                split,
-                store,
-                results,
-                decoder_files,
-                report,
-                tokens,
-                limit,
-                threads,
-                say,
-                trt_files,
-            )
-        for row in report.decoder:
-            qdq = row.stage == "decoder" and row.stage != llm
-            scheme = (
-                QUANT_SCHEME["w4-qdq"]
-                if qdq
-                else (QUANT_SCHEME[row.precision] | {"accuracy_level": llm_accuracy_level})
-            )
-            entries[(row.stage, row.precision)] = {
-                "precision": row.precision,
-                "method": "rtn-block32-symmetric",
-                "calibration_set_sha256": None,
-                "evaluation_set_sha256": eval_hash,
-                "excluded_layers": [],
-                "accuracy": _accuracy(row.metrics),
-                "validated": row.validated,
-                "gate": {"rel_l2": DECODER_TOLERANCES[row.precision]},
-                "scheme": scheme,
-            }
-        if not report.decoder:  # no held-out run (no images to compare on): still record them
-            made = [(llm, p) for p in decoder_files] + [("decoder", p) for p in trt_files]
-            for stage, precision in made:
-                entries[(stage, precision)] = {
-                    "precision": precision,
-                    "validated": False,
-                    "method": "rtn-block32-symmetric",
-                }
-        report.fp32_bytes = _pipeline_bytes(manifest, {})
-        _commit(folder, work, entries)
+        collect_stage_data(manifest, split, store, needed, s.threads)
+        results = quantize_vision(manifest, split, store, work, names, s, report, say)
+        made = quantize_llm(manifest, work, llm_list, s, say)
+        made.vision = results["vision"].file if "vision" in results else None
+        compare_end_to_end(manifest, split, store, made, report, s, say)
+        entries = vision_entries(results, split, s) | decoder_entries(
+            manifest, made, report, split, s
+        )
+        report.fp32_bytes = pipeline_bytes(manifest, {})
+        commit(folder, work, entries)
     finally:
         store.close()
-    if questions:
-        _task_accuracy(folder, questions, report, tokens, threads, say)
+    if s.questions:
+        task_accuracy(folder, s.questions, report, s.tokens, s.threads, say)
     report.seconds = time.perf_counter() - t0
     report.save(folder)
     return report
 
 
-def _accuracy(m) -> dict:
+def chosen_vision_stages(manifest: Manifest, stages: Sequence[str] | None) -> list[str]:
+    names = vision_stages(manifest)
+    if not stages:
+        return names
+    unknown = [s for s in stages if s not in names]
+    if unknown:
+        raise CalibrationError(
+            f"--stages {', '.join(unknown)}: not a vision stage of this export "
+            f"(it has {', '.join(names)})"
+        )
+    return [s for s in names if s in stages]
+
+
+def quantize_vision(manifest, split, store, work, names, s, report, say) -> dict:
+    """An int8 variant of each named vision stage (sensitivity pass when one misses its gate),
+    its report row, and the whole int8 chain's accuracy when every chain stage was quantized."""
+    results: dict[str, StageQuantization] = {}
+    for name in names:
+        res = quantize_vision_stage(
+            manifest.stage_path(name),
+            work / f"{name}.int8.onnx",
+            store,
+            name,
+            s.method,
+            s.gate_cosine,
+            s.max_excluded,
+            s.rank_images,
+            s.threads,
+            store.root,
+            say,
+        )
+        results[name] = res
+        if res.message:
+            report.messages.append(res.message)
+        report.stages.append(
+            StageRow(
+                name,
+                "int8",
+                f"{name}.int8.onnx",
+                onnx_io.file_bytes(res.file),
+                onnx_io.file_bytes(manifest.stage_path(name)),
+                res.metrics,
+                res.validated,
+                f"cosine >= {s.gate_cosine}",
+                res.excluded,
+                res.candidates,
+                res.quantized,
+                res.full_metrics.cosine if res.full_metrics else None,
+                res.trials,
+                res.message,
+                res.layout_problems,
+            )
+        )
+    chain = manifest.vision_chain
+    limit = min(s.e2e_images, len(split.held_out))
+    if chain and all(n in results for n in chain) and "vision" in manifest.stages:
+        say("modular int8 chain end to end")
+        report.modular_chain = chain_accuracy(manifest, results, store, limit, s.threads)
+    return results
+
+
+def chain_accuracy(manifest, results: dict, store, limit: int, threads: int | None):
+    """The int8 chain walked end to end (errors compounding) against the fused fp32 graph."""
+    chain = [manifest.spec(n) for n in manifest.vision_chain]
+    runners = {
+        spec.name: OrtRunner(SessionLoader(results[spec.name].file, threads=threads), spec.name)
+        for spec in chain
+    }
+    acc = MetricAccumulator()
+    for index in range(limit):
+        inputs, ref = store.get("eval", index, "vision")
+        tensors = walk_chain(chain, lambda name, feeds: runners[name].infer(feeds), inputs)
+        acc.add(ref, {"image_features": tensors["image_features"]})
+    return acc.result()
+
+
+def quantize_llm(manifest: Manifest, work: Path, llm_list: list[str], s, say) -> Variants:
+    """Weight-only decoders: MatMulNBits of ONNX Runtime's decoder for each precision, and for w4
+    the portable graph's INT4 Q/DQ form (TensorRT's weight-only GEMMs)."""
+    made = Variants(None, {}, {})
+    llm = llm_stage(manifest)
+    for precision in llm_list:
+        say(f"{llm} {precision}")
+        path = work / f"{llm}.{precision}.onnx"
+        quantize_decoder(
+            manifest.stage_path(llm), path, precision, accuracy_level=s.llm_accuracy_level
+        )
+        made.decoders[precision] = path
+    if "w4" in llm_list and llm != "decoder" and "decoder" in manifest.stages:
+        say("decoder w4 (Q/DQ for TensorRT)")
+        made.portable["w4"] = work / "decoder.w4.onnx"
+        # from the fp16 graph when there is one: TensorRT's int4 weight-only GEMMs are W4A16
+        base = "fp16" if "fp16" in manifest.stage("decoder")["variants"] else "fp32"
+        quantize_decoder_int4_qdq(manifest.stage_path("decoder", base), made.portable["w4"])
+    return made
+
+
+def vision_entries(results: dict, split: CalibrationSplit, s) -> dict[tuple[str, str], dict]:
+    """The manifest entries of the int8 vision variants."""
+    return {
+        (name, "int8"): {
+            "precision": "int8",
+            "method": s.method,
+            "calibration_set_sha256": split.calibration_set_sha256,
+            "evaluation_set_sha256": hash_images(split.held_out),
+            "excluded_layers": res.excluded,
+            "accuracy": accuracy_entry(res.metrics),
+            "validated": res.validated,
+            "gate": {"cosine": s.gate_cosine},
+            "scheme": QUANT_SCHEME["int8"],
+        }
+        for name, res in results.items()
+    }
+
+
+def decoder_entries(manifest, made: Variants, report, split, s) -> dict[tuple[str, str], dict]:
+    """The manifest entries of the weight-only decoders (unvalidated when nothing measured them)."""
+    llm = llm_stage(manifest)
+    entries = {}
+    for row in report.decoder:
+        qdq = row.stage == "decoder" and row.stage != llm
+        scheme = QUANT_SCHEME["w4-qdq"] if qdq else QUANT_SCHEME[row.precision]
+        entries[(row.stage, row.precision)] = {
+            "precision": row.precision,
+            "method": "rtn-block32-symmetric",
+            "calibration_set_sha256": None,
+            "evaluation_set_sha256": hash_images(split.held_out),
+            "excluded_layers": [],
+            "accuracy": accuracy_entry(row.metrics),
+            "validated": row.validated,
+            "gate": {"rel_l2": tolerance(row.precision)},
+            "scheme": scheme if qdq else scheme | {"accuracy_level": s.llm_accuracy_level},
+        }
+    if not report.decoder:  # no held-out run (no images to compare on): still record them
+        made_ = [(llm, p) for p in made.decoders] + [("decoder", p) for p in made.portable]
+        for stage, precision in made_:
+            entries[(stage, precision)] = {
+                "precision": precision,
+                "validated": False,
+                "method": "rtn-block32-symmetric",
+            }
+    return entries
+
+
+def accuracy_entry(m) -> dict:
     return {
         "cosine": round(m.cosine, 6),
         "sqnr_db": round(m.sqnr_db, 3),
@@ -276,216 +313,14 @@ def _accuracy(m) -> dict:
     }
 
 
-def _chain_accuracy(chain, results, store, limit, threads):
-    sessions = {name: session(results[name].file, threads) for name in chain}
-    acc = MetricAccumulator()
-    for index in range(limit):
-        inputs, ref = store.get("eval", index, "vision")
-        maps, hidden = {}, None
-        for name in chain:
-            sess = sessions[name]
-            if name == "convnext":
-                feeds = {"global_view": inputs["global_view"]}
-            elif name == "vit.0":
-                feeds = {"pixel_values": inputs["pixel_values"]}
-            elif name.startswith("cvfm."):
-                k = name.split(".")[1]
-                feeds = {"hidden": hidden, f"stage{k}": maps[f"stage{k}"]}
-            else:
-                feeds = {"hidden": hidden}
-            out = dict(
-                zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True)
-            )
-            if name == "convnext":
-                maps = out
-            elif name == "projector":
-                acc.add(ref, out)
-            else:
-                hidden = out["hidden_out"]
-    return acc.result()
-
-
-def _end_to_end(
-    manifest,
-    split,
-    store,
-    results,
-    decoder_files,
-    report,
-    tokens,
-    limit,
-    threads,
-    say,
-    trt_files=None,
-) -> None:
-    """Greedy tokens and first logits of every variant against fp32 on held-out images.
-    ``trt_files``: Q/DQ weight-only variants of the portable decoder (made for TensorRT), run
-    here with ONNX Runtime to measure what they do to the numbers."""
-    from runtime.image_io import load_image
-    from runtime.pipeline import FilaPipeline, make_runner
-    from runtime.preprocess import preprocess
-    from runtime.prompt import PromptBuilder
-
-    opts = {"threads": threads} if threads else {}
-    runners = {"embed": make_runner("onnxruntime", manifest.stage_path("embed"), "embed", **opts)}
-    prompts = PromptBuilder.from_folder(
-        manifest.folder, manifest.data.get("tokenizer", "tokenizer.json")
-    )
-    if manifest.data.get("chat_template"):
-        prompts.chat_template = manifest.data["chat_template"]
-    llm = llm_stage(manifest)
-    pipe = FilaPipeline(manifest, runners, prompts, decoder_stage=llm)
-    decoders = {"fp32": make_runner("onnxruntime", manifest.stage_path(llm), llm, **opts)}
-    for precision, path in decoder_files.items():
-        decoders[precision] = make_runner("onnxruntime", path, llm, **opts)
-    trt_files = trt_files or {}
-    for precision, path in trt_files.items():
-        decoders[f"trt-{precision}"] = make_runner("onnxruntime", path, "decoder", **opts)
-    vision_int8 = session(results["vision"].file, threads) if "vision" in results else None
-    configs = [("fp32", p) for p in decoder_files] + (
-        [("int8", p) for p in ["fp32", *decoder_files]] if vision_int8 else []
-    )
-    configs += [("fp32", f"trt-{p}") for p in trt_files]
-    tokens_by: dict[tuple[str, str], list[list[int]]] = {("fp32", "fp32"): []}
-    logits_by: dict[str, list[np.ndarray]] = {d: [] for _, d in [("fp32", "fp32"), *configs]}
-    for c in configs:
-        tokens_by[c] = []
-    for index in range(limit):
-        record = split.held_out[index]
-        image = preprocess(load_image(record.path), manifest.preprocess)
-        inputs, ref = store.get("eval", index, "vision")
-        feats = {"fp32": ref["image_features"]}
-        if vision_int8 is not None:
-            feats["int8"] = vision_int8.run(["image_features"], inputs)[0]
-        embeds = {v: prompt_embeds(pipe, image, f, record.prompt) for v, f in feats.items()}
-        for v, d in [("fp32", "fp32"), *configs]:
-            say(f"greedy {tokens} tokens, image {index + 1}/{limit}: vision {v}, decoder {d}")
-            toks, first = greedy_tokens(pipe, decoders[d], embeds[v], tokens)
-            tokens_by[(v, d)].append(toks)
-            if v == "fp32":
-                logits_by[d].append(first)
-    variants = [(llm, p, p, path) for p, path in decoder_files.items()]
-    variants += [("decoder", p, f"trt-{p}", path) for p, path in trt_files.items()]
-    for stage, precision, key, path in variants:
-        m = decoder_accuracy(logits_by["fp32"], logits_by[key])
-        tol = DECODER_TOLERANCES[precision]
-        ok = m.rel_l2 <= tol
-        msg = (
-            ""
-            if ok
-            else (
-                f"{stage} {precision}: logits rel L2 {m.rel_l2:.3f} > {tol} (cosine "
-                f"{m.cosine:.5f}); written with validated: false"
-            )
-        )
-        if msg:
-            report.messages.append(msg)
-        report.decoder.append(
-            StageRow(
-                stage,
-                precision,
-                path.name,
-                file_size(path),
-                file_size(manifest.stage_path(stage)),
-                m,
-                ok,
-                f"rel L2 <= {tol}",
-                message=msg,
-            )
-        )
-    reference = tokens_by[("fp32", "fp32")]
-    files = {
-        "vision": results["vision"].file if "vision" in results else None,
-        **decoder_files,
-        **{f"trt-{p}": path for p, path in trt_files.items()},
-    }
-    for v, d in configs:
-        portable = d.startswith("trt-")
-        precision = d[4:] if portable else d
-        spec = ",".join(
-            x
-            for x in (
-                f"vision={v}" if v != "fp32" else "",
-                f"decoder={precision}" if precision != "fp32" else "",
-            )
-            if x
-        )
-        label = f"{spec} (TensorRT Q/DQ graph, run on ONNX Runtime)" if portable else spec
-        report.end_to_end.append(
-            AgreementRow(
-                label,
-                limit,
-                tokens,
-                **agreement(reference, tokens_by[(v, d)], tokens),
-                bytes=_pipeline_bytes(
-                    manifest,
-                    {
-                        "vision": files["vision"] if v == "int8" else None,
-                        "decoder": files.get(d) if d != "fp32" else None,
-                    },
-                ),
-                precision=spec,
-                decoder="portable" if portable else "auto",
-            )
-        )
-
-
-def _task_accuracy(
-    folder: Path, questions, report: CalibrationReport, tokens: int, threads, say
-) -> None:
-    """Answers of the fp32 export and of each variant mix in the report, scored by exact match."""
-    import warnings
-
-    from runtime.answers import exact_match, pipeline_answers, read_questions
-    from runtime.pipeline import FilaPipeline
-
-    records = read_questions(questions)
-    report.questions = str(questions)
-    opts = {"threads": threads} if threads else {}
-    configs = [("fp32", "fp32", "auto")]
-    configs += [(row.config, row.precision, row.decoder) for row in report.end_to_end]
-    reference = None
-    for label, spec, decoder in configs:
-        say(f"task accuracy: {label} on {len(records)} question(s)")
-        with warnings.catch_warnings():  # a variant below its gate is scored all the same
-            warnings.simplefilter("ignore")
-            pipe = FilaPipeline.from_artifacts(folder, precision=spec, decoder=decoder, **opts)
-        answers = pipeline_answers(pipe, records, tokens)
-        reference = reference or answers
-        same = sum(a == b for a, b in zip(answers, reference, strict=True))
-        report.answers.append(
-            {"config": label, **exact_match(records, answers), "same_as_fp32": same}
-        )
-
-
-def _pipeline_bytes(manifest: Manifest, replaced: dict[str, Path | None]) -> int:
-    """Bytes of the graphs an ONNX Runtime fused pipeline loads (vision, embed, its decoder),
-    some replaced (``replaced["decoder"]`` stands for the decoder stage it runs)."""
-    total = 0
-    for stage in ("vision", "embed", "decoder"):
-        name = llm_stage(manifest) if stage == "decoder" else stage
-        if name in manifest.stages:
-            path = replaced.get(stage) or manifest.stage_path(name)
-            total += file_size(path)
-    return total
-
-
-def llm_stage(manifest: Manifest) -> str:
-    """The decoder the weight-only variants are made for: the one ONNX Runtime runs
-    (``decoder_gqa`` when exported), since MatMulNBits runs on ONNX Runtime only."""
-    from runtime.pipeline import choose_decoder
-
-    return choose_decoder(manifest, "onnxruntime")
-
-
-def _commit(folder: Path, work: Path, entries: dict[tuple[str, str], dict]) -> None:
+def commit(folder: Path, work: Path, entries: dict[tuple[str, str], dict]) -> None:
     """Move the graphs into the export and record them; the manifest is re-read so that variants
     written meanwhile by someone else are kept."""
-    manifest = Manifest.load(folder, verify=False)
+    manifest = Manifest.load(folder)
     for (stage, precision), extra in entries.items():
         name = f"{stage}.{precision}.onnx"
         src, dst = work / name, folder / name
-        data_src, data_dst = work / f"{name}.data", folder / f"{name}.data"
+        data_src, data_dst = onnx_io.data_path(src), onnx_io.data_path(dst)
         if data_src.exists():
             shutil.move(data_src, data_dst)
         else:

@@ -7,8 +7,7 @@ CVFM block, the projector and the fused ``vision`` graph are calibrated (and eva
 activations they will see at inference time. Activations are kept on disk (``ActivationStore``),
 not in memory: a high-resolution image gives tens of MB of hidden states per stage.
 
-Also here: a generator of synthetic document-style images (text, tables, small print across tile
-boundaries), for tests and the demo (``python -m calibration.dataset OUT --count 24``).
+Synthetic document images for tests and demos are in ``calibration.documents``.
 """
 
 from __future__ import annotations
@@ -23,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from runtime.backends import load_runner
 from runtime.errors import FilaError, ImageError
-from runtime.image_io import load_image
+from runtime.image_io import find_images, load_image
 from runtime.manifest import Manifest, sha256_file
 from runtime.preprocess import preprocess
+from runtime.vision import image_feeds, walk_chain
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 DEFAULT_PROMPT = "Describe the image."
 
 
@@ -84,21 +83,11 @@ def hash_images(records: Sequence[ImageRecord]) -> str:
 
 
 def find_image_files(folder: str | Path) -> list[Path]:
-    """Every jpg/png/webp under ``folder`` (recursive, sorted); a clear error if there are none."""
-    root = Path(folder)
-    if not root.exists():
-        raise CalibrationError(
-            f"calibration image folder {root} does not exist; pass --images DIR with real images "
-            "(jpg/png/webp) like the ones the model will see"
-        )
-    if not root.is_dir():
-        raise CalibrationError(f"--images {root} is a file; pass the folder that holds the images")
-    found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not found:
-        raise CalibrationError(
-            f"no images (jpg/png/webp) in {root} or its subfolders; add real images to calibrate on"
-        )
-    return found
+    """Every image under ``folder`` (recursive, sorted); a clear error if there are none."""
+    try:
+        return find_images(folder, "calibration image folder")
+    except ImageError as exc:
+        raise CalibrationError(str(exc)) from exc
 
 
 def load_prompts(path: str | Path | None, root: Path) -> tuple[dict[str, str], list[str]]:
@@ -257,8 +246,7 @@ class ActivationStore:
 
 def vision_stages(manifest: Manifest) -> list[str]:
     """The vision stages of an export: the modular chain in order, then the fused graph."""
-    chain = [s for s in manifest.data.get("vision_chain", []) if s in manifest.stages]
-    return chain + (["vision"] if "vision" in manifest.stages else [])
+    return manifest.vision_chain + (["vision"] if "vision" in manifest.stages else [])
 
 
 def collect_stage_data(
@@ -267,177 +255,39 @@ def collect_stage_data(
     store: ActivationStore,
     stages: Sequence[str] | None = None,
     threads: int | None = None,
-    progress=None,
 ) -> ActivationStore:
     """Run every image through preprocessing and the fp32 vision stages, storing what each stage
     takes and gives. ``stages`` limits which stages are recorded (all vision stages by default);
     upstream stages still run when a later one needs their output."""
-    from runtime.backends.onnxruntime import OrtRunner
-
     wanted = list(stages) if stages is not None else vision_stages(manifest)
-    chain = [s for s in manifest.data.get("vision_chain", []) if s in manifest.stages]
+    chain = manifest.vision_chain
     last = max((chain.index(s) for s in wanted if s in chain), default=-1)
-    run_chain = chain[: last + 1]
-    runners = {
-        name: OrtRunner(manifest.stage_path(name, "fp32"), name=name, threads=threads)
-        for name in [*run_chain, *(["vision"] if "vision" in wanted else [])]
-    }
-    cfg = manifest.preprocess
+    chain = [manifest.spec(name) for name in chain[: last + 1]]
+    names = [s.name for s in chain] + (["vision"] if "vision" in wanted else [])
+    runners = {n: load_runner("onnxruntime", manifest, n, "fp32", threads=threads) for n in names}
     for part, records in (("calib", split.calibration), ("eval", split.held_out)):
         for index, rec in enumerate(records):
-            image = preprocess(load_image(rec.path), cfg)
-            if "vision" in runners:
-                feeds = {"pixel_values": image.pixel_values}
-                if image.global_view is not None:
-                    feeds["global_view"] = image.global_view
-                feeds = _known_inputs(runners["vision"], feeds)
-                store.put(part, index, "vision", feeds, runners["vision"].infer(feeds))
-            maps: dict[str, np.ndarray] = {}
-            hidden = None
-            for name in run_chain:
-                if name == "convnext":
-                    feeds = {"global_view": image.global_view}
-                elif name == "vit.0":
-                    feeds = {"pixel_values": image.pixel_values}
-                elif name.startswith("vit."):
-                    feeds = {"hidden": hidden}
-                elif name.startswith("cvfm."):
-                    k = name.split(".")[1]
-                    feeds = {"hidden": hidden, f"stage{k}": maps[f"stage{k}"]}
-                else:  # projector
-                    feeds = {"hidden": hidden}
-                out = runners[name].infer(feeds)
-                if name == "convnext":
-                    maps = out
-                else:
-                    hidden = out.get("hidden_out", hidden)
+            image = preprocess(load_image(rec.path), manifest.preprocess)
+            for name, (feeds, outputs) in _stage_io(runners, chain, image).items():
                 if name in wanted:
-                    store.put(part, index, name, feeds, out)
-            if progress is not None:
-                progress(part, index, rec)
+                    store.put(part, index, name, feeds, outputs)
+    for runner in runners.values():
+        runner.close()
     return store
 
 
-def _known_inputs(runner, feeds: dict) -> dict:
-    names = {m.name for m in runner.inputs}
-    return {k: v for k, v in feeds.items() if k in names}
+def _stage_io(runners: dict, chain: list, image) -> dict[str, tuple[dict, dict]]:
+    """Stage -> (what it was fed, what it gave) for one image: the fused graph, and the chain
+    walked by its declared names."""
+    feeds: dict[str, dict] = {}
+    outputs: dict[str, dict] = {}
 
+    def run(name: str, stage_feeds: dict) -> dict:
+        outputs[name] = runners[name].infer(stage_feeds)
+        return outputs[name]
 
-# --- synthetic document images ----------------------------------------------------------------
-WORDS = (
-    "invoice total amount date account balance payment due net tax rate unit price quantity "
-    "item description customer order number reference page section table figure report annual "
-    "revenue cost margin quarter region north south east west sample result value mean median "
-    "error limit signal device memory latency throughput model layer token vision encoder"
-).split()
-SIZES = ((600, 800), (800, 600), (1100, 850), (850, 1100), (1400, 700), (700, 1400), (900, 900))
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _sentence(rng: np.random.Generator, n: int) -> str:
-    words = [WORDS[i] for i in rng.integers(0, len(WORDS), n)]
-    words[0] = words[0].capitalize()
-    return " ".join(words) + rng.choice([".", ":", ";", ""])
-
-
-def make_document(seed: int, size: tuple[int, int] | None = None) -> Image.Image:
-    """A document-style RGB image: title, paragraphs, a ruled table with numbers, and lines of
-    small print placed across the half and third lines where anyres tiles are cut."""
-    from PIL import ImageDraw
-
-    rng = np.random.default_rng(seed)
-    w, h = size or SIZES[int(rng.integers(len(SIZES)))]
-    paper = tuple(int(v) for v in rng.integers(232, 256, 3))
-    image = Image.new("RGB", (w, h), paper)
-    draw = ImageDraw.Draw(image)
-    ink = tuple(int(v) for v in rng.integers(0, 60, 3))
-    accent = tuple(int(v) for v in rng.integers(40, 200, 3))
-    margin = int(w * rng.uniform(0.04, 0.08))
-    y = margin
-    draw.text(
-        (margin, y),
-        _sentence(rng, int(rng.integers(2, 5))).upper(),
-        fill=accent,
-        font=_font(int(h * 0.04)),
-    )
-    y += int(h * 0.07)
-    body = _font(int(rng.integers(12, 20)))
-    while y < h * 0.4:
-        draw.text((margin, y), _sentence(rng, int(rng.integers(6, 14))), fill=ink, font=body)
-        y += int(body.size * 1.5) if hasattr(body, "size") else 16
-    # a table
-    rows, cols = int(rng.integers(4, 9)), int(rng.integers(3, 6))
-    top, left, right = y + 10, margin, w - margin
-    cell_h = int(rng.integers(22, 34))
-    cell_w = (right - left) // cols
-    small = _font(int(rng.integers(10, 15)))
-    for r in range(rows + 1):
-        draw.line([(left, top + r * cell_h), (left + cols * cell_w, top + r * cell_h)], fill=ink)
-    for c in range(cols + 1):
-        draw.line([(left + c * cell_w, top), (left + c * cell_w, top + rows * cell_h)], fill=ink)
-    for r in range(rows):
-        for c in range(cols):
-            text = (
-                WORDS[int(rng.integers(len(WORDS)))]
-                if r == 0 or c == 0
-                else (f"{rng.uniform(0, 10_000):,.2f}")
-            )
-            draw.text((left + c * cell_w + 4, top + r * cell_h + 4), text, fill=ink, font=small)
-    y = top + rows * cell_h + 20
-    # small print straddling the tile cuts (halves and thirds of either side)
-    tiny = _font(int(rng.integers(8, 11)))
-    for frac in (1 / 3, 1 / 2, 2 / 3):
-        ty = int(h * frac) - 4
-        draw.text((margin, ty), _sentence(rng, 18), fill=ink, font=tiny)
-        tx = int(w * frac) - 60
-        draw.text((tx, int(h * rng.uniform(0.75, 0.95))), _sentence(rng, 5), fill=ink, font=tiny)
-    while y < h - margin:
-        draw.text((margin, y), _sentence(rng, int(rng.integers(8, 16))), fill=ink, font=body)
-        y += 24
-    # a bar chart in one corner
-    x0, y0 = int(w * 0.62), int(h * 0.08)
-    for i in range(5):
-        bar = int(rng.integers(10, int(h * 0.15)))
-        draw.rectangle(
-            [x0 + i * 18, y0 + int(h * 0.15) - bar, x0 + i * 18 + 12, y0 + int(h * 0.15)],
-            fill=accent,
-        )
-    return image
-
-
-def write_documents(folder: str | Path, count: int, seed: int = 0) -> list[Path]:
-    """``count`` synthetic documents as PNG and JPEG files in ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        image = make_document(seed * 100_003 + i)
-        path = folder / f"doc_{i:03d}.{'png' if i % 2 == 0 else 'jpg'}"
-        image.save(path, quality=92) if path.suffix == ".jpg" else image.save(path)
-        paths.append(path)
-    return paths
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="write synthetic document images")
-    parser.add_argument("out", help="folder to write into")
-    parser.add_argument("--count", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    paths = write_documents(args.out, args.count, args.seed)
-    print(f"wrote {len(paths)} document images to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    if "vision" in runners:
+        feeds["vision"] = image_feeds(image)
+        run("vision", feeds["vision"])
+    walk_chain(chain, run, image_feeds(image), record=feeds)
+    return {name: (feeds[name], outputs[name]) for name in outputs}

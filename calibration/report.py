@@ -17,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.quantize import MetricAccumulator, Metrics
+from runtime.compare import MetricAccumulator, Metrics
 
 REPORT_NAME = "calibration_report"
-# Relative L2 of the logits allowed per weight-only precision: fila validate's tolerances.
-DECODER_TOLERANCES = {"w8": 5e-2, "w4": 2e-1}
 
 
 @dataclass
@@ -186,52 +184,8 @@ class CalibrationReport:
         return [md, js]
 
 
-# --- end-to-end greedy agreement -----------------------------------------------------------------
-def greedy_tokens(
-    pipe, decoder_runner, embeds: np.ndarray, tokens: int
-) -> tuple[list[int], np.ndarray]:
-    """``tokens`` greedy tokens (EOS not honoured) and the prefill logits."""
-    dec = pipe.new_decoder(embeds.shape[1] + tokens + 1, runner=decoder_runner)
-    logits = dec.prefill(embeds, np.ones(embeds.shape[:2], dtype=np.int64))
-    first = logits.copy()
-    out: list[int] = []
-    for i in range(tokens):
-        out.append(int(logits[0].argmax()))
-        if i < tokens - 1:
-            logits = dec.decode_one_token(pipe.embed(np.asarray([[out[-1]]], dtype=np.int64)))
-    return out, first
-
-
-def prompt_embeds(pipe, image, features: np.ndarray, prompt: str) -> np.ndarray:
-    """The decoder's input for one image and prompt, given the vision graph's features."""
-    from runtime.preprocess import packing_index
-    from runtime.prompt import expand_image_tokens
-
-    ids = pipe.prompts.encode(pipe.prompts.format(prompt, num_images=1))
-    count = int(
-        packing_index(image.image_size, image.grid, pipe.preprocess_config.tokens_per_side).shape[0]
-    )
-    ids = np.asarray([expand_image_tokens(ids, pipe.image_token_id, [count])], dtype=np.int64)
-    embeds = pipe.embed(ids)
-    embeds[0, ids[0] == pipe.image_token_id] = pipe.pack(features, image)
-    return embeds
-
-
-def agreement(reference: list[list[int]], got: list[list[int]], tokens: int) -> dict:
-    rates, exact, first = [], [], []
-    for a, b in zip(reference, got, strict=True):
-        same = [x == y for x, y in zip(a, b, strict=True)]
-        rates.append(sum(same) / tokens)
-        exact.append(all(same))
-        first.append(next((i for i, s in enumerate(same) if not s), tokens))
-    return {
-        "token_agreement": float(np.mean(rates)),
-        "exact_match_rate": float(np.mean(exact)),
-        "mean_first_divergence": float(np.mean(first)),
-    }
-
-
 def decoder_accuracy(reference_logits: list[np.ndarray], logits: list[np.ndarray]) -> Metrics:
+    """Prefill logits of a decoder variant against the fp32 decoder's, pooled over images."""
     acc = MetricAccumulator()
     for a, b in zip(reference_logits, logits, strict=True):
         acc.add({"logits": a}, {"logits": b})

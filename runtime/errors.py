@@ -27,6 +27,10 @@ class PromptError(FilaError):
     """A prompt is empty or cannot be tokenized into a valid model input."""
 
 
+class ParameterError(FilaError):
+    """A generation or run parameter is outside its valid range."""
+
+
 class ContextOverflowError(PromptError):
     """Prompt plus image tokens plus requested new tokens do not fit in the model's context."""
 

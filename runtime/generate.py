@@ -3,27 +3,57 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.errors import FilaError
+from runtime.errors import FilaError, ParameterError
 from runtime.kv_cache import KVCache, SharedKVCache
 
 
 @dataclass
 class SamplingParams:
+    """How the next token is chosen; out-of-range values are refused when it is made."""
+
     temperature: float = 0.0  # 0: greedy
-    top_k: int | None = None
+    top_k: int | None = None  # None or 0: no top-k filter
     top_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        checks = [
+            (
+                "temperature",
+                self.temperature,
+                lambda v: math.isfinite(v) and v >= 0,
+                ">= 0 (0 = greedy)",
+            ),
+            ("top_k", self.top_k, lambda v: v >= 0, "a whole number >= 1 (or 0 / none: off)"),
+            ("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+            (
+                "repetition_penalty",
+                self.repetition_penalty,
+                lambda v: math.isfinite(v) and v > 0,
+                "> 0 (1 = off)",
+            ),
+            ("seed", self.seed, lambda v: v >= 0, "a whole number >= 0"),
+        ]
+        for name, value, ok, valid in checks:
+            if value is not None and not ok(value):
+                raise ParameterError(f"{name} must be {valid}, got {value}")
+
     @property
     def greedy(self) -> bool:
-        return not self.temperature or self.temperature <= 0
+        return not self.temperature
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ParameterError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[Sequence[int]], penalty: float):
@@ -115,7 +145,7 @@ class Decoder:
         self.on_device = hasattr(runner, "run_step")
         self.shared = "seqlens_k" in {meta.name for meta in getattr(runner, "inputs", ())}
         if self.on_device:
-            runner.allocate_cache(num_layers, max_len, (batch, kv_heads, head_dim))
+            runner.ensure_cache(num_layers, max_len, (batch, kv_heads, head_dim))
             self.cache = None
         elif self.shared:
             self.cache = SharedKVCache(num_layers, batch, kv_heads, head_dim, max_len)
@@ -231,6 +261,7 @@ class GenerationOutput:
     decode_s: float
     steps: int
     texts: list[str] = field(default_factory=list)
+    first_logits: np.ndarray | None = None  # the prefill's next-token logits (B, V)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -252,8 +283,10 @@ def generate(
     """Prefill, then decode token by token until EOS, a stop string or ``max_new_tokens``.
 
     ``embed`` maps (B, 1) token ids to (B, 1, D) embeddings; streaming (``on_text``) and stop
-    strings need ``decode_text`` and follow row 0.
+    strings need ``decode_text`` and follow row 0. Pass no ``eos_ids`` to ignore EOS (a fixed
+    answer length, as benchmarks and accuracy reports compare).
     """
+    check_max_new_tokens(max_new_tokens)
     rng = np.random.default_rng(params.seed)
     batch = prompt_embeds.shape[0]
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -261,6 +294,7 @@ def generate(
     streamer = TextStreamer(decode_text, on_text) if decode_text else None
     t0 = time.perf_counter()
     logits = decoder.prefill(prompt_embeds, attention_mask)
+    first_logits = logits.copy()
     ttft = time.perf_counter() - t0
     t1 = time.perf_counter()
     steps = 0
@@ -288,4 +322,4 @@ def generate(
         for s in stop_strings:
             text = text.split(s)[0] if s in text else text
         texts = [text]
-    return GenerationOutput(out, ttft, decode_s, steps, texts)
+    return GenerationOutput(out, ttft, decode_s, steps, texts, first_logits)

@@ -33,6 +33,26 @@ _TRANSPARENCY_MODES = frozenset({"P", "L"})
 _COMMON_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "PPM", "TGA", "ICO")
 
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+
+def find_images(folder: str | os.PathLike, what: str = "image folder") -> list[Path]:
+    """Every image file under ``folder`` (recursive, sorted by path); a clear error when the
+    folder is missing or holds none (``what`` names the folder in it)."""
+    root = Path(folder)
+    if not root.exists():
+        raise ImageError(
+            f"{what} {root} does not exist; pass a folder of real images (jpg/png/webp) "
+            "like the ones the model will see"
+        )
+    if not root.is_dir():
+        raise ImageError(f"{root} is a file; pass the folder that holds the images")
+    found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise ImageError(f"no images (jpg/png/webp/bmp/tiff) in {root} or its subfolders")
+    return found
+
+
 def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Load ``source`` as an RGB image, EXIF orientation applied, alpha composited onto white.
 

@@ -1,19 +1,22 @@
 """The artifact manifest: the contract between export and everything that runs an export.
 
-Written by ``fila export``, read by the runtime, the TensorRT builder and the validator. Loading
-verifies every file's sha256 and refuses paths that leave the artifact folder.
+Written by ``fila export``, read by the runtime, the TensorRT builder and the validator. A load
+reads the JSON only; each file is hash-checked the first time something opens it (a 7 B export
+holds tens of GB of variants a run never touches), and ``verify`` (``fila verify``) checks them
+all. Paths that leave the artifact folder are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import ManifestError
 from runtime.preprocess import PreprocessConfig
+from runtime.spec import StageSpec
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -43,10 +46,12 @@ def safe_path(folder: Path, name: str) -> Path:
 class Manifest:
     folder: Path
     data: dict[str, Any]
+    checked: set[str] = field(default_factory=set, repr=False)  # files whose hash was checked
 
     # --- reading -------------------------------------------------------------------------
     @classmethod
-    def load(cls, folder: str | Path, verify: bool = True) -> Manifest:
+    def load(cls, folder: str | Path) -> Manifest:
+        """Read ``manifest.json`` (no file is hashed until it is opened)."""
         folder = Path(folder)
         path = folder / MANIFEST_NAME
         if not folder.is_dir():
@@ -65,24 +70,30 @@ class Manifest:
         for key in ("stages", "preprocess", "model"):
             if key not in data:
                 raise ManifestError(f"{path} has no {key!r} section; {REEXPORT}")
-        manifest = cls(folder, data)
-        if verify:
-            manifest.verify()
-        return manifest
+        return cls(folder, data)
 
-    def verify(self) -> None:
-        """Every listed file exists inside the folder and has the recorded sha256."""
-        for name, entry in self.files().items():
-            path = safe_path(self.folder, entry["file"])
-            if not path.is_file():
-                raise ManifestError(f"{name}: file {entry['file']} is missing; {REEXPORT}")
-            actual = sha256_file(path)
-            if actual != entry["sha256"]:
-                raise ManifestError(
-                    f"{name}: {entry['file']} does not match the manifest (sha256 {actual[:12]}..., "
-                    f"expected {entry['sha256'][:12]}...): the file was changed after export; "
-                    f"{REEXPORT}"
-                )
+    def verify(self) -> list[str]:
+        """Hash-check every listed file (``fila verify``); returns what was checked."""
+        for label, entry in self.files().items():
+            self._check(label, entry)
+        return list(self.files())
+
+    def _check(self, label: str, entry: dict) -> Path:
+        """The file of a manifest entry, its sha256 checked once per load."""
+        path = safe_path(self.folder, entry["file"])
+        if entry["file"] in self.checked:
+            return path
+        if not path.is_file():
+            raise ManifestError(f"{label}: file {entry['file']} is missing; {REEXPORT}")
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise ManifestError(
+                f"{label}: {entry['file']} does not match the manifest (sha256 {actual[:12]}..., "
+                f"expected {entry['sha256'][:12]}...): the file was changed after export; "
+                f"{REEXPORT}"
+            )
+        self.checked.add(entry["file"])
+        return path
 
     def files(self) -> dict[str, dict]:
         """Every hashed file: stage variants and the side files (tokenizer, newline vector)."""
@@ -90,6 +101,8 @@ class Manifest:
         for stage, entry in self.stages.items():
             for precision, variant in entry["variants"].items():
                 out[f"stage {stage} ({precision})"] = variant
+                if "external_data" in variant:
+                    out[f"stage {stage} ({precision}) weights"] = variant["external_data"]
         for name, entry in self.data.get("files", {}).items():
             out[name] = entry
         return out
@@ -117,13 +130,28 @@ class Manifest:
         return variants[precision]
 
     def stage_path(self, name: str, precision: str = "fp32") -> Path:
-        return safe_path(self.folder, self.variant(name, precision)["file"])
+        """The graph of one variant, hash-checked (with its external data) on first use."""
+        variant = self.variant(name, precision)
+        label = f"stage {name} ({precision})"
+        if "external_data" in variant:
+            self._check(f"{label} weights", variant["external_data"])
+        return self._check(label, variant)
 
     def file_path(self, name: str) -> Path:
+        """A side file (tokenizer, newline vector), hash-checked on first use."""
         entry = self.data.get("files", {}).get(name)
         if entry is None:
             raise ManifestError(f"the manifest lists no {name!r} file; {REEXPORT}")
-        return safe_path(self.folder, entry["file"])
+        return self._check(name, entry)
+
+    def spec(self, name: str) -> StageSpec:
+        """The stage's contract: inputs, outputs, axes, backends."""
+        return StageSpec.from_dict(name, self.stage(name))
+
+    @property
+    def vision_chain(self) -> list[str]:
+        """The modular vision stages of this export in run order (convnext, vit.0, cvfm.0, ...)."""
+        return [n for n in self.data.get("vision_chain", []) if n in self.stages]
 
     @property
     def preprocess(self) -> PreprocessConfig:

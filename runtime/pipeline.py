@@ -1,7 +1,8 @@
 """``FilaPipeline``: artifacts folder -> answers, torch-free.
 
-image(s) + prompt -> preprocess -> vision graph -> packing (unpad + image_newline) -> embed graph
--> merge at image-token positions -> KV-cached decoder loop -> text, with per-stage timings.
+image(s) + prompt -> preprocess -> vision (fused graph or modular chain) -> packing (unpad +
+image_newline) -> prompt ids -> embed graph, image features at the image-token positions ->
+KV-cached decoder loop -> text, with per-stage timings.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ContextOverflowError, FilaError, ManifestError
-from runtime.generate import Decoder, DecoderShape, SamplingParams, generate
+from runtime.backends import load_runner
+from runtime.errors import ContextOverflowError, FilaError
+from runtime.generate import Decoder, DecoderShape, SamplingParams, check_max_new_tokens, generate
 from runtime.image_io import load_image
 from runtime.manifest import Manifest
-from runtime.preprocess import NEWLINE, PreprocessedImage, packing_index, preprocess
-from runtime.prompt import PromptBuilder, expand_image_tokens
+from runtime.preprocess import PreprocessedImage, preprocess
+from runtime.prompt import PromptBuilder
+from runtime.variants import PrecisionSpec, choose_decoder, stage_variants
+from runtime.vision import VisionEncoder, pack
+
+VISION_MODES = ("fused", "modular")
 
 
 @dataclass
@@ -40,131 +46,34 @@ class GenerationResult:
         }
 
 
-def make_runner(backend: str, path: Path, name: str, **options):
-    if backend == "onnxruntime":
-        from runtime.backends.onnxruntime import OrtRunner
-
-        return OrtRunner(path, name=name, **options)
-    if backend == "tensorrt":
-        from runtime.backends.tensorrt import load_engine_runner
-
-        return load_engine_runner(path, name=name, **options)
-    raise FilaError(f"unknown backend {backend!r}; use onnxruntime or tensorrt")
-
-
-PRECISION_GROUPS = ("vision", "embed", "decoder")
-
-
-def modular_vision_stages(manifest: Manifest) -> list[str]:
-    """The modular vision chain in run order (convnext, vit.0, cvfm.0, ..., projector)."""
-    names = [n for n in manifest.data.get("vision_chain", []) if n in manifest.stages]
-    if "projector" not in names:
-        raise ManifestError("this export has no modular vision stages; use vision='fused'")
-    return names
-
-
 def load_runners(
-    manifest: Manifest, names: Sequence[str], backend: str, precision: str, **options
+    manifest: Manifest,
+    names: Sequence[str],
+    backend: str,
+    precision: str | PrecisionSpec,
+    **options,
 ) -> dict:
     """One runner per named stage, at the variant ``precision`` picks for it (a warning for a
     variant that missed its accuracy gate). The pipeline loads its stages with it; a benchmark
     loads just the stages it times (without a second copy of the decoder)."""
-    choose = precision_chooser(precision, list(manifest.stages))
+    spec = PrecisionSpec.parse(precision) if isinstance(precision, str) else precision
+    spec.check(stage_variants(manifest))
     runners = {}
     for name in names:
-        variant = choose(name, manifest.stage(name)["variants"])
+        variant = spec.variant(name, list(manifest.stage(name)["variants"]))
         if manifest.variant(name, variant).get("validated") is False:
             warnings.warn(f"stage {name} ({variant}) did not meet its accuracy gate", stacklevel=3)
-        runners[name] = make_runner(backend, manifest.stage_path(name, variant), name, **options)
+        runners[name] = load_runner(backend, manifest, name, variant, **options)
     return runners
 
 
-def run_modular_vision(
-    runners: dict, image: PreprocessedImage, feeds_seen: dict | None = None
-) -> np.ndarray:
-    """The modular chain (convnext, then vit.k / cvfm.k in order, then projector) on one image;
-    ``feeds_seen`` (when given) collects the inputs each stage got, for timing stages alone."""
-    seen = {} if feeds_seen is None else feeds_seen
-
-    def run(name: str, feeds: dict) -> dict:
-        seen[name] = feeds
-        return runners[name].infer(feeds)
-
-    maps = run("convnext", {"global_view": image.global_view}) if "convnext" in runners else {}
-    hidden = None
-    for name in runners:
-        if name.startswith("vit."):
-            x = {"pixel_values": image.pixel_values} if name == "vit.0" else {"hidden": hidden}
-            hidden = run(name, x)["hidden_out"]
-        elif name.startswith("cvfm."):
-            k = name.split(".")[1]
-            hidden = run(name, {"hidden": hidden, f"stage{k}": maps[f"stage{k}"]})["hidden_out"]
-    return run("projector", {"hidden": hidden})["image_features"]
-
-
-def precision_chooser(spec: str, stages: Sequence[str] = ()) -> Callable[[str, Sequence[str]], str]:
-    """``(stage, its variants) -> variant`` for a precision spec.
-
-    ``"fp16"``: every stage that has that variant, fp32 for the rest (as before). ``"int8,w4"``: a
-    preference list, each stage takes the first it has. ``"vision=int8,decoder=w4"``: per stage or
-    group (``vision`` covers the fused graph and every modular vision stage); a named stage lacking
-    its variant warns and runs fp32. Both forms mix: ``"fp16,decoder=w4"``. Names are checked
-    against ``stages`` (and the groups) when given.
-    """
-    defaults, named = [], {}
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        key, eq, value = item.partition("=")
-        if not eq:
-            defaults.append(item)
-        elif not key.strip() or not value.strip():
-            raise FilaError(f"precision {spec!r}: {item!r} is not STAGE=PRECISION")
-        else:
-            named[key.strip()] = value.strip()
-    unknown = [k for k in named if stages and k not in (*PRECISION_GROUPS, *stages)]
-    if unknown:
-        raise FilaError(
-            f"precision {spec!r} names {', '.join(unknown)}, which is not a stage; use "
-            f"{', '.join(PRECISION_GROUPS)} or one of {', '.join(stages)}"
-        )
-
-    def choose(stage: str, variants: Sequence[str]) -> str:
-        group = (
-            "decoder" if stage.startswith("decoder") else stage if stage == "embed" else "vision"
-        )
-        wanted = named.get(stage, named.get(group))
-        if wanted is not None:
-            if wanted in variants:
-                return wanted
-            warnings.warn(
-                f"stage {stage} has no {wanted} variant (it has {', '.join(variants)}); "
-                "running it in fp32",
-                stacklevel=3,
-            )
-            return "fp32"
-        return next((p for p in defaults if p in variants), "fp32")
-
-    return choose
-
-
-def choose_decoder(manifest: Manifest, backend: str, wanted: str = "auto") -> str:
-    """The decoder stage to run: ``decoder_gqa`` is ONNX Runtime only (a contrib op)."""
-    has_gqa = "decoder_gqa" in manifest.stages
-    if wanted == "auto":
-        return "decoder_gqa" if has_gqa and backend == "onnxruntime" else "decoder"
-    if wanted == "portable":
-        return "decoder"
-    if wanted == "gqa":
-        if backend != "onnxruntime":
-            raise FilaError("decoder 'gqa' runs on onnxruntime only; use decoder='portable'")
-        if not has_gqa:
-            raise ManifestError(
-                "this export has no decoder_gqa stage (its LLM type is not "
-                "supported, or it predates it); use decoder='portable'"
-            )
-        return "decoder_gqa"
-    raise FilaError(f"decoder must be 'auto', 'gqa' or 'portable', got {wanted!r}")
+def prompt_builder(manifest: Manifest) -> PromptBuilder:
+    """The export's tokenizer and chat template (both files hash-checked)."""
+    tokenizer = manifest.data.get("tokenizer", "tokenizer.json")
+    manifest.file_path(tokenizer)
+    if "tokenizer_config.json" in manifest.data.get("files", {}):
+        manifest.file_path("tokenizer_config.json")
+    return PromptBuilder.from_folder(manifest.folder, tokenizer)
 
 
 class FilaPipeline:
@@ -174,24 +83,19 @@ class FilaPipeline:
         runners: dict,
         prompts: PromptBuilder,
         backend: str = "onnxruntime",
-        vision_mode: str = "fused",
         decoder_stage: str = "decoder",
     ) -> None:
         self.manifest = manifest
         self.runners = runners
         self.prompts = prompts
         self.backend = backend
-        self.vision_mode = vision_mode
+        self.decoder_stage = decoder_stage
         self.preprocess_config = manifest.preprocess
         self.newline = np.load(manifest.file_path("image_newline"), allow_pickle=False)
-        model = manifest.model
-        self.image_token_id = int(manifest.data["image_token_id"])
-        self.eos_ids = list(manifest.data.get("eos_token_ids", [])) or prompts.eos_token_ids
-        self.decoder_shape = DecoderShape.from_text_config(model["text"])
-        self.decoder_stage = decoder_stage
-        axes = manifest.stage(decoder_stage)["axes"]
-        self.max_context = axes["total"]["max"]
-        self.max_batch = axes["batch"]["max"] if "batch" in axes else 1
+        self.decoder_shape = DecoderShape.from_text_config(manifest.model["text"])
+        self.max_context = manifest.stage(decoder_stage)["axes"]["total"]["max"]
+        chain = [manifest.spec(n) for n in manifest.vision_chain if n in runners]
+        self.vision = VisionEncoder(runners, [] if "vision" in runners else chain)
 
     @classmethod
     def from_artifacts(
@@ -203,58 +107,58 @@ class FilaPipeline:
         decoder: str = "auto",
         **options,
     ) -> FilaPipeline:
-        """Load (and hash-check) an export. ``vision``: ``fused`` graph or the ``modular`` chain.
-        ``decoder``: ``gqa`` (ONNX Runtime's in-place GroupQueryAttention graph), ``portable``
-        (standard ONNX, the TensorRT one), or ``auto``: gqa on onnxruntime when exported."""
+        """Load an export (each file hash-checked as it is opened). ``vision``: the ``fused``
+        graph or the ``modular`` chain. ``decoder``: ``gqa`` (ONNX Runtime's in-place
+        GroupQueryAttention graph), ``portable`` (standard ONNX, the TensorRT one), or ``auto``:
+        the graph the manifest made for this backend."""
+        if vision not in VISION_MODES:
+            raise FilaError(f"vision must be 'fused' or 'modular', got {vision!r}")
         manifest = Manifest.load(folder)
         decoder_stage = choose_decoder(manifest, backend, decoder)
-        names = ["embed", decoder_stage]
-        if vision == "fused":
-            names.append("vision")
-        elif vision == "modular":
-            names += modular_vision_stages(manifest)
-        else:
-            raise FilaError(f"vision must be 'fused' or 'modular', got {vision!r}")
+        chain = manifest.vision_chain
+        if vision == "modular" and "projector" not in chain:
+            raise FilaError("this export has no modular vision stages; use vision='fused'")
+        names = ["embed", decoder_stage, *(["vision"] if vision == "fused" else chain)]
         runners = load_runners(manifest, names, backend, precision, **options)
-        runners["decoder"] = runners.pop(decoder_stage)
-        prompts = PromptBuilder.from_folder(
-            manifest.folder, manifest.data.get("tokenizer", "tokenizer.json")
-        )
-        if manifest.data.get("chat_template"):
-            prompts.chat_template = manifest.data["chat_template"]
-        return cls(manifest, runners, prompts, backend, vision, decoder_stage)
+        return cls(manifest, runners, prompt_builder(manifest), backend, decoder_stage)
 
-    # --- vision ---------------------------------------------------------------------------
+    # --- a request: images and prompt -> the decoder's input --------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return self.prompts.image_token_id
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return self.prompts.eos_token_ids
+
+    def preprocess(self, source) -> PreprocessedImage:
+        return preprocess(load_image(source), self.preprocess_config)
+
     def run_vision(self, image: PreprocessedImage) -> np.ndarray:
         """Projected tile features (tiles, n*n, D) from the fused graph or the modular chain."""
-        feeds = {"pixel_values": image.pixel_values}
-        if image.global_view is not None:
-            feeds["global_view"] = image.global_view
-        if self.vision_mode == "fused":
-            return self.runners["vision"].infer(feeds)["image_features"]
-        return run_modular_vision(self.runners, image)
+        return self.vision(image)
 
-    def pack(self, features: np.ndarray, image: PreprocessedImage) -> np.ndarray:
-        """LLaVA-NeXT packing: the same index the reference model uses."""
-        index = packing_index(image.image_size, image.grid, self.preprocess_config.tokens_per_side)
-        rows = np.concatenate([features.reshape(-1, features.shape[-1]), self.newline[None]])
-        return rows[np.where(index == NEWLINE, rows.shape[0] - 1, index)]
-
-    def encode_image(self, source) -> np.ndarray:
-        return self.pack(*self._vision(source)[:2])
-
-    def _vision(self, source):
-        image = preprocess(load_image(source), self.preprocess_config)
-        return self.run_vision(image), image
-
-    # --- text -----------------------------------------------------------------------------
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.runners["embed"].infer({"input_ids": ids})["inputs_embeds"]
+
+    def prompt_embeds(
+        self, ids: Sequence[int], images: Sequence[PreprocessedImage], features: Sequence
+    ) -> np.ndarray:
+        """(1, len(ids), D): token embeddings with each image's packed features written at its
+        image-token positions (``features``: the vision output of each image)."""
+        id_array = np.asarray([ids], dtype=np.int64)
+        embeds = self.embed(id_array)
+        if images:
+            packed = [pack(f, im, self.newline) for f, im in zip(features, images, strict=True)]
+            embeds[0, id_array[0] == self.image_token_id] = np.concatenate(packed)
+        return embeds
 
     def new_decoder(self, max_len: int, batch: int = 1, runner=None) -> Decoder:
         """A decoder with its cache for ``max_len`` positions, on this pipeline's decoder (or on
         ``runner``, another variant of it, as the accuracy report compares)."""
-        return Decoder(runner or self.runners["decoder"], self.decoder_shape, batch, max_len)
+        return Decoder(
+            runner or self.runners[self.decoder_stage], self.decoder_shape, batch, max_len
+        )
 
     def check_context(self, prompt_len: int, max_new_tokens: int) -> None:
         need = prompt_len + max_new_tokens
@@ -262,7 +166,8 @@ class FilaPipeline:
             raise ContextOverflowError(
                 f"prompt with image tokens is {prompt_len} tokens; with {max_new_tokens} new "
                 f"tokens that is {need}, {need - self.max_context} over the context of "
-                f"{self.max_context}; shorten the prompt, lower --max-new-tokens, or use a smaller image"
+                f"{self.max_context}; shorten the prompt, lower --max-new-tokens, or use a "
+                "smaller image"
             )
 
     def generate(
@@ -270,61 +175,59 @@ class FilaPipeline:
         images,
         prompt: str,
         max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        repetition_penalty: float | None = None,
+        sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
         raw_prompt: bool = False,
         history: Sequence[tuple[str, str]] = (),
         on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
+        **sampling_options,
     ) -> GenerationResult:
-        """Answer ``prompt`` about one image (path, bytes, PIL image, array) or a list of them."""
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        """Answer ``prompt`` about one image (path, bytes, PIL image, array) or a list of them.
+        Sampling comes as ``sampling`` or as its fields (``temperature=0.7, top_p=0.9, ...``);
+        ``ignore_eos`` generates exactly ``max_new_tokens`` (benchmarks, accuracy reports)."""
+        params = sampling or SamplingParams(**sampling_options)
+        check_max_new_tokens(max_new_tokens)
+        sources = list(images) if isinstance(images, list | tuple) else [images]
         timings: dict[str, float] = {}
-        text = self.prompts.format(prompt, num_images=len(images), raw=raw_prompt, history=history)
-        prompt_ids = self.prompts.encode(text)
         t0 = time.perf_counter()
-        loaded = [preprocess(load_image(im), self.preprocess_config) for im in images]
+        loaded = [self.preprocess(im) for im in sources]
         timings["preprocess_s"] = time.perf_counter() - t0
-        counts = [
-            int(
-                packing_index(im.image_size, im.grid, self.preprocess_config.tokens_per_side).shape[
-                    0
-                ]
-            )
-            for im in loaded
-        ]
-        ids = expand_image_tokens(prompt_ids, self.image_token_id, counts)
+        prompt_ids, ids = self.prompts.request_ids(
+            prompt, [im.num_tokens for im in loaded], raw=raw_prompt, history=history
+        )
         self.check_context(len(ids), max_new_tokens)
         t0 = time.perf_counter()
-        feats = [self.pack(self.run_vision(im), im) for im in loaded]
+        features = [self.run_vision(im) for im in loaded]
         timings["vision_s"] = time.perf_counter() - t0
-        id_array = np.asarray([ids], dtype=np.int64)
         t0 = time.perf_counter()
-        embeds = self.embed(id_array)
-        if feats:
-            embeds[0, id_array[0] == self.image_token_id] = np.concatenate(feats)
+        embeds = self.prompt_embeds(ids, loaded, features)
         timings["embed_s"] = time.perf_counter() - t0
-        decoder = self.new_decoder(len(ids) + max_new_tokens)
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         out = generate(
-            decoder,
+            self.new_decoder(len(ids) + max_new_tokens),
             self.embed,
             embeds,
-            np.ones_like(id_array),
+            np.ones((1, len(ids)), dtype=np.int64),
             max_new_tokens,
             params,
-            self.eos_ids,
+            () if ignore_eos else self.eos_ids,
             stop,
             self.prompts.decode,
             on_text,
         )
-        timings["ttft_s"] = (
-            timings["preprocess_s"] + timings["vision_s"] + timings["embed_s"] + out.ttft_s
-        )
-        timings["prefill_s"] = out.ttft_s
-        timings["decode_s"] = out.decode_s
-        timings["decode_tokens_per_s"] = out.decode_tokens_per_s
+        before = timings["preprocess_s"] + timings["vision_s"] + timings["embed_s"]
+        timings |= {
+            "ttft_s": before + out.ttft_s,
+            "prefill_s": out.ttft_s,
+            "decode_s": out.decode_s,
+            "decode_tokens_per_s": out.decode_tokens_per_s,
+        }
         return GenerationResult(out.texts[0], out.token_ids[0], prompt_ids, timings, self.backend)
+
+    def close(self) -> None:
+        """Release every runner (sessions, engines, device buffers and caches)."""
+        for runner in self.runners.values():
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
+        self.runners = {}

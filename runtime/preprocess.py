@@ -35,11 +35,6 @@ class PreprocessConfig:
     def tokens_per_side(self) -> int:
         return self.tile_size // self.patch_size
 
-    @property
-    def max_tiles(self) -> int:
-        """Most sub-images one image can give, base thumbnail included."""
-        return 1 + max(h * w for h, w in self.grid_shapes())
-
     def grid_shapes(self) -> list[tuple[int, int]]:
         """(rows, cols) of every canvas in the pinpoints."""
         return [(h // self.tile_size, w // self.tile_size) for h, w in self.grid_pinpoints]
@@ -87,11 +82,17 @@ class PreprocessedImage:
     image_size: tuple[int, int]  # original (height, width)
     canvas: tuple[int, int]  # chosen anyres canvas (height, width)
     global_view: np.ndarray | None  # (1, 3, H, W) float32 for ConvNeXt, or None
+    token_index: np.ndarray  # the packing index: which feature row becomes each image token
 
     @property
     def grid(self) -> tuple[int, int]:
         tile = self.pixel_values.shape[-1]
         return self.canvas[0] // tile, self.canvas[1] // tile
+
+    @property
+    def num_tokens(self) -> int:
+        """How many image tokens this image becomes in the prompt."""
+        return int(self.token_index.shape[0])
 
 
 def select_best_resolution(
@@ -163,7 +164,9 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> PreprocessedImage:
     if cfg.global_tile_size is not None:
         view = resize_and_pad(image, cfg.global_size(canvas))
         global_view = normalize(view, cfg.global_mean, cfg.global_std)[None]
-    return PreprocessedImage(pixel_values, size, canvas, global_view)
+    grid = (canvas[0] // cfg.tile_size, canvas[1] // cfg.tile_size)
+    index = packing_index(size, grid, cfg.tokens_per_side)
+    return PreprocessedImage(pixel_values, size, canvas, global_view, index)
 
 
 def unpadded_extent(image_size: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[slice, slice]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.errors import FilaError
 from runtime.manifest import Manifest
+from runtime.spec import resolve
 
 Shape = tuple[int, ...]
 
@@ -37,15 +39,6 @@ class Profile:
         }
 
 
-def resolve(entry, values: dict[str, int]) -> int:
-    if isinstance(entry, int):
-        return entry
-    if "*" in entry:
-        k, axis = entry.split("*")
-        return int(k) * values[axis]
-    return values[entry]
-
-
 def _shapes(
     inputs: list[dict], lo: dict, opt: dict, hi: dict
 ) -> dict[str, tuple[Shape, Shape, Shape]]:
@@ -67,7 +60,7 @@ def stage_profiles(manifest: Manifest, stage: str) -> list[Profile]:
             out.append(Profile(f"grid{rows}x{cols}", _shapes(inputs, v, v, v)))
         return out
     get = {k: {a: r[k] for a, r in axes.items()} for k in ("min", "opt", "max")}
-    if stage == "decoder":
+    if "past" in axes:  # a decoder fed its KV cache: prefill and decode differ
         lo, opt, hi = get["min"], get["opt"], get["max"]
         ctx = hi["total"]
         prefill = _shapes(
@@ -91,8 +84,6 @@ def select_profile(profiles: list[Profile], shapes: dict[str, Shape]) -> int:
     for i, profile in enumerate(profiles):
         if profile.covers(shapes):
             return i
-    from runtime.errors import FilaError
-
     raise FilaError(
         f"input shapes {shapes} are outside every optimization profile "
         f"({', '.join(p.name for p in profiles)}); rebuild the engine with matching axes"

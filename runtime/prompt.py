@@ -1,6 +1,8 @@
 """Prompts: the chat template, tokenization and image-placeholder expansion (torch-free).
 
-The reference model and the runtime both build prompts here, so their token ids agree.
+The tokenizer files are the one source of the chat template, the EOS token and the image token.
+The reference model and the runtime both turn a request into token ids here (``request_ids``), so
+their ids agree.
 """
 
 from __future__ import annotations
@@ -112,6 +114,19 @@ class PromptBuilder:
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=True
         )
+
+    def request_ids(
+        self,
+        prompt: str,
+        image_tokens: Sequence[int],
+        raw: bool = False,
+        history: Sequence[tuple[str, str]] = (),
+    ) -> tuple[list[int], list[int]]:
+        """(prompt ids, ids with each image placeholder expanded to that image's token count)."""
+        prompt_ids = self.encode(
+            self.format(prompt, num_images=len(image_tokens), raw=raw, history=history)
+        )
+        return prompt_ids, expand_image_tokens(prompt_ids, self.image_token_id, image_tokens)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text).ids)

@@ -21,8 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-CHECKPOINT = ROOT / "fila_export" / "demo" / "checkpoint"
-EXAMPLES = ROOT / "fila_export" / "demo" / "examples"
+from fila_export.demo import CHECKPOINT, EXAMPLES  # noqa: E402 - after the path setup
 
 
 def fila(*args: str, threads: int = 1) -> None:
@@ -46,7 +45,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from fila_export.demo.data import read_question_set
-    from fila_export.reference import ReferencePipeline
+    from fila_export.model.reference import ReferencePipeline
 
     work = (ROOT / args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ cp "$W/art/engines/build_info.json" "$REPORT/build_info.json" 2>/dev/null
 step "$PY" -m fila_export.cli validate --artifacts "$W/art" --checkpoint "$W/ckpt" --backend tensorrt \
   --precision fp16 --json "$REPORT/validate-trt-fp16.json"
 if "$PY" -m fila_export.cli --help | grep -q calibrate; then
-  step "$PY" -m fila_export.cli calibrate --artifacts "$W/art" --images examples
+  step "$PY" -m fila_export.cli calibrate --artifacts "$W/art" --images fila_export/demo/examples/photos
   step "$PY" -m fila_export.cli build --artifacts "$W/art" --precision int8 --timing-cache "$W/timing.cache"
   step "$PY" -m fila_export.cli validate --artifacts "$W/art" --checkpoint "$W/ckpt" --backend tensorrt \
     --precision int8 --json "$REPORT/validate-trt-int8.json"

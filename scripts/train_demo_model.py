@@ -78,13 +78,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
 
-    from fila_export.checkpoint import save_checkpoint
     from fila_export.demo import data
     from fila_export.demo.model import demo_config, init_demo_weights
     from fila_export.demo.train import TrainSettings, demo_prompts, train
-    from fila_export.model import FilaForConditionalGeneration
-    from fila_export.reference import ReferencePipeline
-    from fila_export.tokenizer import write_tokenizer
+    from fila_export.model.checkpoint import save_checkpoint
+    from fila_export.model.fila import FilaForConditionalGeneration
+    from fila_export.model.reference import ReferencePipeline
+    from fila_export.model.tokenizer import write_tokenizer
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:

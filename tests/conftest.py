@@ -33,9 +33,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def make_checkpoint(folder: Path, preset_name: str = "tiny", seed: int = 0, **overrides) -> Path:
-    from fila_export.checkpoint import save_checkpoint
-    from fila_export.config import preset
-    from fila_export.model import FilaForConditionalGeneration
+    from fila_export.model.checkpoint import save_checkpoint
+    from fila_export.model.config import preset
+    from fila_export.model.fila import FilaForConditionalGeneration
 
     config = dataclasses.replace(preset(preset_name), **overrides)
     model = FilaForConditionalGeneration(config)
@@ -88,7 +88,7 @@ def real_images() -> dict[str, Image.Image]:
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint exported (fp32 + fp16), once per session."""
-    from fila_export.export import export_artifacts
+    from fila_export.export.exporter import export_artifacts
 
     out = tmp_path_factory.mktemp("art") / "tiny"
     export_artifacts(tiny_checkpoint, out, precisions=["fp32", "fp16"], progress=False)

@@ -18,20 +18,13 @@ from calibration.dataset import (
     CalibrationError,
     CalibrationWarning,
     collect_stage_data,
-    make_document,
     split_images,
-    write_documents,
 )
-from calibration.quantize import (
-    QUANT_OPS,
-    check_trt_layout,
-    qdq_parameters,
-    quantize_vision_stage,
-    quantized_nodes,
-)
-from runtime.errors import FilaError
+from calibration.documents import make_document, write_documents
+from calibration.qdq import QUANT_OPS, check_trt_layout, qdq_parameters, quantized_nodes
+from calibration.sensitivity import quantize_vision_stage
 from runtime.manifest import Manifest
-from runtime.pipeline import FilaPipeline, precision_chooser
+from runtime.pipeline import FilaPipeline
 from tests.conftest import run_fila
 
 VISION = [
@@ -278,13 +271,15 @@ def test_w4_decoder_is_smaller_and_runs_through_the_pipeline(calibrated):
     ops = {n.op_type for n in onnx.load(folder / "decoder_gqa.w4.onnx").graph.node}
     assert "MatMulNBits" in ops
     assert manifest.variant("decoder_gqa", "w4")["validated"] is True
-    ref = FilaPipeline.from_artifacts(folder).generate("examples/page.png", "Hi", max_new_tokens=4)
+    ref = FilaPipeline.from_artifacts(folder).generate(
+        "fila_export/demo/examples/photos/page.png", "Hi", max_new_tokens=4
+    )
     for spec in ("int8,w4", "vision=int8,decoder=w4", "w4"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pipe = FilaPipeline.from_artifacts(folder, precision=spec)
         assert not [w for w in caught if "gate" in str(w.message)]  # every variant passed
-        out = pipe.generate("examples/page.png", "Hi", max_new_tokens=4)
+        out = pipe.generate("fila_export/demo/examples/photos/page.png", "Hi", max_new_tokens=4)
         assert out.prompt_token_ids == ref.prompt_token_ids and len(out.token_ids) <= 4
     names = {
         n: r.session._model_path.rsplit("/", 1)[-1]
@@ -292,7 +287,7 @@ def test_w4_decoder_is_smaller_and_runs_through_the_pipeline(calibrated):
             folder, precision="vision=int8,decoder=w4", vision="modular"
         ).runners.items()
     }
-    assert names["decoder"] == "decoder_gqa.w4.onnx" and names["vit.2"] == "vit.2.int8.onnx"
+    assert names["decoder_gqa"] == "decoder_gqa.w4.onnx" and names["vit.2"] == "vit.2.int8.onnx"
     assert names["embed"] == "embed.onnx"
     rows = {r.config: r for r in report.end_to_end}
     trt_row = "decoder=w4 (TensorRT Q/DQ graph, run on ONNX Runtime)"
@@ -304,7 +299,7 @@ def test_w4_for_tensorrt_is_int4_qdq_that_passes_check_trt(calibrated):
     """The portable decoder's w4: int4 blocks with positive scales behind DequantizeLinear."""
     from onnx import numpy_helper
 
-    from fila_export.trt_check import check_artifacts
+    from fila_export.tensorrt.check import check_artifacts
 
     folder, report = calibrated
     manifest = Manifest.load(folder)
@@ -325,7 +320,9 @@ def test_w4_for_tensorrt_is_int4_qdq_that_passes_check_trt(calibrated):
     assert rows[("decoder", "w4")].validated
     pipe = FilaPipeline.from_artifacts(folder, precision="w4", decoder="portable")
     assert pipe.runners["decoder"].session._model_path.endswith("decoder.w4.onnx")
-    assert pipe.generate("examples/page.png", "Hi", max_new_tokens=4).token_ids
+    assert pipe.generate(
+        "fila_export/demo/examples/photos/page.png", "Hi", max_new_tokens=4
+    ).token_ids
 
 
 def test_sensitivity_pass_keeps_the_worst_layers_in_fp32_until_the_gate_is_met(
@@ -423,36 +420,12 @@ def test_histogram_methods(tiny_artifacts, docs, tmp_path, method):
             assert check_trt_layout(onnx.load(tmp_path / f"{stage}.onnx")) == []
 
 
-# --- precision specs -----------------------------------------------------------------------------
-def test_precision_specs():
-    vision = ["fp32", "fp16", "int8"]
-    dec = ["fp32", "fp16", "w8", "w4"]
-    plain = precision_chooser("fp16")
-    assert plain("vision", vision) == "fp16" and plain("decoder", dec) == "fp16"
-    assert precision_chooser("int8")("decoder", dec) == "fp32"
-    pref = precision_chooser("int8,w4")
-    assert pref("vit.0", vision) == "int8" and pref("decoder", dec) == "w4"
-    assert pref("embed", ["fp32", "fp16"]) == "fp32"
-    named = precision_chooser("vision=int8,decoder=w4")
-    assert named("vision", vision) == "int8" and named("cvfm.2", vision) == "int8"
-    assert named("decoder", dec) == "w4" and named("embed", ["fp32", "fp16"]) == "fp32"
-    mixed = precision_chooser("fp16,decoder=w4,vit.0=fp32")
-    assert mixed("vit.0", vision) == "fp32" and mixed("vit.1", vision) == "fp16"
-    assert mixed("decoder", dec) == "w4" and mixed("embed", ["fp32", "fp16"]) == "fp16"
-    with pytest.warns(UserWarning, match="no w4 variant"):
-        assert precision_chooser("decoder=w4")("decoder", ["fp32"]) == "fp32"
-    with pytest.raises(FilaError, match="not a stage"):
-        precision_chooser("vison=int8", ["vision", "decoder"])
-    with pytest.raises(FilaError, match="STAGE=PRECISION"):
-        precision_chooser("decoder=")
-
-
 def test_graph_outputs_and_fp32_consumers_keep_float_tensors(tmp_path):
     """A tensor that is a graph output, feeds a quantized MatMul and an fp32 Add: the output and
     the Add get the float tensor, only the MatMul reads the dequantized copy."""
     from onnx import helper
 
-    from calibration.quantize import load_named, quantize_qdq
+    from calibration.qdq import load_named, quantize_qdq
 
     rng = np.random.default_rng(0)
     w1, w2 = (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fila_export.checkpoint import load_checkpoint, save_checkpoint
+from fila_export.model.checkpoint import load_checkpoint, save_checkpoint
 from runtime.errors import CheckpointError
 
 
@@ -167,3 +167,52 @@ def test_legacy_and_current_transformers_key_layouts(tiny_llava_checkpoint, tmp_
     b, _ = load_checkpoint(folder)
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
+
+
+def tied_checkpoint(folder):
+    import dataclasses
+    import warnings
+
+    from fila_export.model.config import preset
+    from fila_export.model.fila import FilaForConditionalGeneration
+
+    config = preset("tiny")
+    config = dataclasses.replace(config, text=config.text | {"tie_word_embeddings": True})
+    model = FilaForConditionalGeneration(config)
+    model.init_weights(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return save_checkpoint(model, folder)
+
+
+def test_tied_checkpoint_loads_tied_without_a_warning(tmp_path):
+    import warnings
+
+    folder = tied_checkpoint(tmp_path / "tied")
+    assert "language_model.lm_head.weight" not in load_file(folder / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, config = load_checkpoint(folder)
+    lm = model.language_model
+    assert lm.lm_head.weight is lm.get_input_embeddings().weight
+    assert config.text["tie_word_embeddings"] is True
+
+
+def test_a_saved_head_that_differs_from_a_tied_embedding_is_kept(tmp_path):
+    """config.json says tied, the file holds its own head: load what the file holds (as
+    transformers does), warn, and the logits come from that head."""
+    folder = tied_checkpoint(tmp_path / "tied")
+    state = load_file(folder / "model.safetensors")
+    embed = state["language_model.model.embed_tokens.weight"]
+    head = torch.randn(embed.shape, generator=torch.Generator().manual_seed(1))
+    save_file(state | {"language_model.lm_head.weight": head}, folder / "model.safetensors")
+    with pytest.warns(UserWarning, match="using the saved head"):
+        model, config = load_checkpoint(folder)
+    lm = model.language_model
+    assert torch.equal(lm.lm_head.weight, head)
+    assert torch.equal(lm.get_input_embeddings().weight, embed)
+    assert config.text["tie_word_embeddings"] is False
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        hidden = lm.model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(lm(input_ids=ids).logits, hidden @ head.T)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fila_export.tokenizer import build_tokenizer
+from fila_export.model.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def test_init_and_generate(tmp_path):
         "--checkpoint",
         str(out),
         "--image",
-        "examples/chelsea.jpg",
+        "fila_export/demo/examples/photos/chelsea.jpg",
         "--prompt",
         "What is this?",
         "--max-new-tokens",
@@ -76,7 +76,7 @@ def test_missing_checkpoint_is_one_line(tmp_path):
         "--checkpoint",
         str(tmp_path / "none"),
         "--image",
-        "examples/chelsea.jpg",
+        "fila_export/demo/examples/photos/chelsea.jpg",
         "--prompt",
         "hi",
     )

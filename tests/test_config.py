@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from fila_export.config import FilaConfig, preset
-from fila_export.model import FilaForConditionalGeneration
+from fila_export.model.config import FilaConfig, preset
+from fila_export.model.fila import FilaForConditionalGeneration
 from runtime.errors import ConfigError
 
 

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from fila_export.checkpoint import load_checkpoint
-from fila_export.config import preset
+from fila_export.model.checkpoint import load_checkpoint
+from fila_export.model.config import preset
 from fila_export.model.cvfm import CVFMBlock, align_to_grid, tile_windows
-from fila_export.model.vision import build_cvfm, cvfm_windows
+from fila_export.model.vision import build_cvfm
 
 
 def test_convnext_equals_timm_features_only(tiny_checkpoint, tmp_path):
@@ -67,7 +67,7 @@ def test_cvfm_shapes_for_every_grid(grid):
     n = config.tokens_per_side
     tiles = 1 + grid[0] * grid[1]
     hidden = torch.randn(tiles, 1 + n * n, config.vision["hidden_size"])
-    for block, dim, win in zip(blocks, config.convnext.dims, cvfm_windows(config), strict=True):
+    for block, dim, win in zip(blocks, config.convnext.dims, config.cvfm_windows(), strict=True):
         stage_map = torch.randn(1, dim, grid[0] * win, grid[1] * win)
         assert block.conv_tokens(stage_map).shape == (tiles, n * n, dim)
         assert block(hidden, stage_map).shape == hidden.shape
@@ -107,14 +107,14 @@ def test_zero_init_cvfm_is_identity():
     block.zero_init()
     n = config.tokens_per_side
     hidden = torch.randn(3, 1 + n * n, config.vision["hidden_size"])
-    win = cvfm_windows(config)[0]
+    win = config.cvfm_windows()[0]
     out = block(hidden, torch.randn(1, config.convnext.dims[0], win, 2 * win))
     assert torch.equal(out, hidden)
 
 
 def test_no_convnext_config_builds_no_fusion():
     config = dataclasses.replace(preset("tiny"), convnext=None)
-    from fila_export.model import FilaForConditionalGeneration
+    from fila_export.model.fila import FilaForConditionalGeneration
 
     model = FilaForConditionalGeneration(config)
     assert model.convnext is None and model.cvfm is None
@@ -125,7 +125,7 @@ def test_random_init_keeps_every_norm_and_layer_scale_near_one():
     """timm names the ConvNeXt stem / downsample norms ``stem.1`` / ``downsample.0``: they are found
     by type, so the random branch passes signal on instead of shrinking it ~50x per stage (which
     would leave the CVFM parity tests comparing near-zero features)."""
-    from fila_export.model import FilaForConditionalGeneration
+    from fila_export.model.fila import FilaForConditionalGeneration
 
     model = FilaForConditionalGeneration(preset("tiny"))
     model.init_weights(0)

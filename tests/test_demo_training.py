@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from fila_export.config import preprocess_config
 from fila_export.demo import data
 from fila_export.demo import train as T
 from fila_export.demo.model import demo_config, init_demo_weights
-from fila_export.model import FilaForConditionalGeneration
+from fila_export.model.config import preprocess_config
+from fila_export.model.fila import FilaForConditionalGeneration
 from runtime.preprocess import fitted_size, num_image_tokens, select_best_resolution
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -269,7 +269,7 @@ def test_training_script_end_to_end(tmp_path):
     assert metrics["steps"] == 3 and metrics["n"] == 4 and metrics["seed"] == 0
     assert metrics["head_weight"] == 2
     assert {"accuracy", "boundary_accuracy", "wall_time_s", "command"} <= set(metrics)
-    from fila_export.checkpoint import load_checkpoint
+    from fila_export.model.checkpoint import load_checkpoint
     from runtime.prompt import PromptBuilder
 
     model, cfg = load_checkpoint(out)
@@ -282,7 +282,7 @@ def test_training_script_end_to_end(tmp_path):
 
 def test_shipped_checkpoint_reads_the_bundled_examples():
     """The demo model in the repository: small, documented, and it reads (issue 8)."""
-    from fila_export.reference import ReferencePipeline
+    from fila_export.model.reference import ReferencePipeline
 
     folder = Path(__file__).resolve().parent.parent / "fila_export" / "demo" / "checkpoint"
     files = {p.name for p in folder.iterdir()}

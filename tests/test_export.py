@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import random_image, run_fila
 
-from fila_export import onnx_utils
-from fila_export.checkpoint import load_checkpoint
-from fila_export.config import preset
-from fila_export.export import export_artifacts
-from fila_export.reference import ReferencePipeline
-from fila_export.stages import stage_specs
-from fila_export.validate import validate
+from fila_export.export.exporter import export_artifacts
+from fila_export.export.stages import stage_specs
+from fila_export.model.checkpoint import load_checkpoint
+from fila_export.model.config import preset
+from fila_export.model.reference import ReferencePipeline
+from fila_export.validation.parity import validate
+from runtime.compare import rel_l2
 from runtime.errors import ExportError, ManifestError
 from runtime.generate import SamplingParams, generate
 from runtime.manifest import Manifest, sha256_file
@@ -39,8 +39,20 @@ def test_manifest_lists_every_stage_with_spec_names(tiny_artifacts):
         for value, tspec in zip(graph.input, spec.inputs, strict=True):
             dims = value.type.tensor_type.shape.dim
             assert [d.dim_param or d.dim_value for d in dims] == list(tspec.shape)
-    assert manifest.data["kv_cache"]["layout"] == "time_major"
+    # the portable decoder's KV layout is in its spec: time-major, (length, batch, heads, dim)
+    assert manifest.spec("decoder").inputs[3].shape == ("past", "batch", 2, 16)
     assert manifest.preprocess.tile_size == 56
+
+
+def test_tokenizer_files_are_the_one_source_of_template_eos_and_image_token(tiny_artifacts):
+    """The manifest no longer repeats them: the pipeline reads the exported tokenizer files."""
+    manifest = Manifest.load(tiny_artifacts)
+    assert not {"chat_template", "eos_token_ids", "image_token_id", "kv_cache"} & set(manifest.data)
+    config = json.loads((tiny_artifacts / "tokenizer_config.json").read_text())
+    pipe = FilaPipeline.from_artifacts(tiny_artifacts)
+    assert pipe.prompts.chat_template == config["chat_template"]
+    assert pipe.eos_ids == [pipe.prompts.tokenizer.token_to_id(config["eos_token"])]
+    assert pipe.image_token_id == manifest.model["image_token_index"]
 
 
 def test_fp16_graphs_are_strongly_typed_with_fp32_norms(tiny_artifacts):
@@ -71,7 +83,7 @@ def test_fused_and_modular_vision_agree(tiny_artifacts):
         image = preprocess(random_image(*size), fused.preprocess_config)
         a, b = fused.run_vision(image), modular.run_vision(image)
         assert a.shape == b.shape
-        assert onnx_utils.rel_l2(a, b) <= 1e-5
+        assert rel_l2(a, b) <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -196,7 +208,7 @@ def test_export_cli_errors_are_one_line(tiny_checkpoint, tiny_artifacts, tmp_pat
 
 
 def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
-    import fila_export.export as export_mod
+    import fila_export.export.exporter as export_mod
 
     calls = []
 
@@ -229,7 +241,9 @@ def test_manifest_refuses_paths_outside_and_bad_format(tiny_artifacts, tmp_path)
     data["stages"]["embed"]["variants"]["fp32"]["file"] = "../../etc/passwd"
     (art / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="outside the artifact folder"):
-        Manifest.load(art)
+        Manifest.load(art).stage_path("embed")
+    with pytest.raises(ManifestError, match="outside the artifact folder"):
+        Manifest.load(art).verify()
     data["format"] = 99
     (art / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="format 99"):

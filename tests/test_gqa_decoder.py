@@ -10,13 +10,15 @@ import pytest
 import torch
 from conftest import make_checkpoint, random_image
 
-from fila_export.checkpoint import load_checkpoint
-from fila_export.config import preset
-from fila_export.gqa_decoder import GqaDecoderStage, unsupported_reason
-from fila_export.reference import ReferencePipeline
-from fila_export.stages import DecoderStage, stage_specs
+from fila_export.export.gqa_decoder import GqaDecoderStage
+from fila_export.export.modules import DecoderStage
+from fila_export.export.stages import gqa_unsupported_reason, stage_specs
+from fila_export.model.checkpoint import load_checkpoint
+from fila_export.model.config import preset
+from fila_export.model.reference import ReferencePipeline
 from runtime.errors import FilaError, ManifestError
-from runtime.pipeline import FilaPipeline, choose_decoder
+from runtime.pipeline import FilaPipeline
+from runtime.variants import choose_decoder
 
 LOGITS_ATOL = 1e-4
 
@@ -64,9 +66,9 @@ def test_gqa_wrapper_equals_transformers_decoder(tmp_path, kind):
 
 
 def test_unsupported_llms_get_no_gqa_stage():
-    assert unsupported_reason({"model_type": "gemma"}) is not None
+    assert gqa_unsupported_reason({"model_type": "gemma"}) is not None
     windowed = {"model_type": "mistral", "sliding_window": 64, "max_position_embeddings": 256}
-    assert "sliding" in unsupported_reason(windowed)
+    assert "sliding" in gqa_unsupported_reason(windowed)
     text = dict(preset("tiny").text, model_type="mistral", sliding_window=64)
     cfg = dataclasses.replace(preset("tiny"), text=text)
     assert "decoder_gqa" not in stage_specs(cfg, max_context=64)
@@ -110,7 +112,7 @@ def test_padded_rows_and_wrong_backend_are_refused(tiny_artifacts):
     with pytest.raises(FilaError, match="onnxruntime only"):
         choose_decoder(pipe.manifest, "tensorrt", "gqa")
     assert choose_decoder(pipe.manifest, "tensorrt") == "decoder"
-    with pytest.raises(FilaError, match="'auto', 'gqa' or 'portable'"):
+    with pytest.raises(FilaError, match="auto, gqa, portable"):
         choose_decoder(pipe.manifest, "onnxruntime", "fast")
     data = dict(pipe.manifest.data, stages=dict(pipe.manifest.stages))
     del data["stages"]["decoder_gqa"]
@@ -121,7 +123,7 @@ def test_padded_rows_and_wrong_backend_are_refused(tiny_artifacts):
 
 
 def test_trt_check_skips_the_onnxruntime_only_graph(tiny_artifacts):
-    from fila_export.trt_check import check_artifacts
+    from fila_export.tensorrt.check import check_artifacts
 
     report = check_artifacts(tiny_artifacts, precisions=["fp32"])
     assert report.skipped == ["decoder_gqa"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_checkpoint, random_image
 
-from fila_export.checkpoint import load_checkpoint
+from fila_export.model.checkpoint import load_checkpoint
 from runtime.preprocess import preprocess
 from runtime.prompt import PromptBuilder, expand_image_tokens
 
@@ -36,7 +36,7 @@ def _inputs(model, prompts, image):
 def pair(request, tmp_path_factory):
     from transformers import LlavaNextForConditionalGeneration
 
-    from fila_export.config import preset
+    from fila_export.model.config import preset
 
     overrides = {"convnext": None}
     if request.param == "qwen2-tied":

@@ -8,8 +8,8 @@ import json
 import torch
 from conftest import random_image, run_fila
 
-from fila_export.config import preset
-from fila_export.tokenizer import write_tokenizer
+from fila_export.model.config import preset
+from fila_export.model.tokenizer import write_tokenizer
 
 
 def test_transformers_saved_llava_next_runs_like_transformers(tmp_path):

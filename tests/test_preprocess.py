@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from conftest import random_image
 
-from fila_export.config import CLIP_MEAN, CLIP_STD, LLAVA_NEXT_PINPOINTS, preprocess_config, preset
+from fila_export.model.config import (
+    CLIP_MEAN,
+    CLIP_STD,
+    LLAVA_NEXT_PINPOINTS,
+    preprocess_config,
+    preset,
+)
 from runtime.preprocess import (
     NEWLINE,
     PreprocessConfig,

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fila_export.cli import main
-from fila_export.trt_check import (
+from fila_export.tensorrt.check import (
     TrtCheckError,
     check_artifacts,
     check_model,

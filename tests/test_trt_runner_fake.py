@@ -14,7 +14,7 @@ import pytest
 
 from runtime.backends.tensorrt import TrtDecoderRunner, TrtRunner, check_build_info
 from runtime.errors import EngineMismatchError
-from runtime.generate import Decoder, DecoderShape
+from runtime.generate import Decoder, DecoderShape, SamplingParams, generate
 from runtime.profiles import Profile
 
 
@@ -25,12 +25,18 @@ class FakeMemory:
         self.arena = np.zeros(size, dtype=np.uint8)
         self.next = 256
         self.allocs = []
+        self.frees = []
+        self.live = {}
 
     def alloc(self, nbytes):
         ptr = self.next
         self.next += (nbytes + 255) // 256 * 256
         self.allocs.append(nbytes)
+        self.live[ptr] = nbytes
         return ptr
+
+    def free(self, ptr):
+        self.frees.append(self.live.pop(ptr))
 
     def view(self, ptr, dtype, shape):
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -150,8 +156,8 @@ class KvEngine(FakeEngine):
             present[...] = pos.T[:, :, None, None]
 
 
-def test_decoder_kv_cache_bound_in_place():
-    mem = FakeMemory()
+def kv_runner(mem):
+    """A ``TrtDecoderRunner`` on the fake KV engine, profiles for up to 16 positions."""
     ins = {
         "inputs_embeds": "float32",
         "attention_mask": "int64",
@@ -175,11 +181,17 @@ def test_decoder_kv_cache_bound_in_place():
         "prefill", {k: (v, v, shapes(1, 16, 0)[k]) for k, v in shapes(1, 1, 0).items()}
     )
     decode = Profile("decode", {k: (v, v, shapes(1, 1, 15)[k]) for k, v in shapes(1, 1, 1).items()})
-    runner = TrtDecoderRunner(engine, [prefill, decode], "decoder", mem)
+    return TrtDecoderRunner(engine, [prefill, decode], "decoder", mem)
+
+
+SHAPE = DecoderShape(num_layers=1, kv_heads=1, head_dim=2, vocab=5)
+
+
+def test_decoder_kv_cache_bound_in_place():
+    mem = FakeMemory()
+    runner = kv_runner(mem)
     assert not any(n.startswith(("past.", "present.")) for n in runner.buffers)
-    decoder = Decoder(
-        runner, DecoderShape(num_layers=1, kv_heads=1, head_dim=2, vocab=5), batch=1, max_len=16
-    )
+    decoder = Decoder(runner, SHAPE, batch=1, max_len=16)
     setup_calls = len(runner.context.calls)  # output sizing visits each profile once
     logits = decoder.prefill(np.zeros((1, 4, 3), np.float32), np.ones((1, 4), np.int64))
     assert logits[0, 0] == 0  # empty past
@@ -192,6 +204,43 @@ def test_decoder_kv_cache_bound_in_place():
     assert ctx.addresses["present.0.key"] == runner.cache_address(0, 0, 5)
     profiles_used = [c[1] for c in ctx.calls[setup_calls:] if c[0] == "profile"]
     assert profiles_used == [0, 1]  # prefill profile, then decode profile; no switch per token
+
+
+def test_device_kv_cache_is_allocated_once_per_runner_and_freed_on_close():
+    """Every generate builds a Decoder; the device cache is allocated once, grown only for a
+    longer context, and freed by close() (it used to leak one cache per generate)."""
+    mem = FakeMemory()
+    runner = kv_runner(mem)
+    io_buffers = len(mem.allocs)
+    cache_bytes = 1 * 2 * 16 * (1 * 1 * 2) * 4  # layers x K/V x positions x row x fp32
+
+    def one_generate(max_len):
+        out = generate(
+            Decoder(runner, SHAPE, 1, max_len),
+            lambda ids: np.zeros((1, 1, 3), np.float32),
+            np.zeros((1, 4, 3), np.float32),
+            np.ones((1, 4), np.int64),
+            max_len - 4,
+            SamplingParams(),
+        )
+        assert len(out.token_ids[0]) == max_len - 4
+
+    for _ in range(3):
+        one_generate(16)
+    one_generate(8)  # a shorter context reuses the cache too
+    assert mem.allocs[io_buffers:] == [cache_bytes] and mem.frees == []
+    runner.close()
+    assert mem.frees[0] == cache_bytes and mem.live == {}  # cache and I/O buffers all freed
+
+
+def test_a_longer_context_grows_the_cache_once():
+    mem = FakeMemory()
+    runner = kv_runner(mem)
+    io_buffers = len(mem.allocs)
+    runner.ensure_cache(1, 8, (1, 1, 2))
+    runner.ensure_cache(1, 8, (1, 1, 2))
+    runner.ensure_cache(1, 16, (1, 1, 2))
+    assert mem.allocs[io_buffers:] == [2 * 8 * 8, 2 * 16 * 8] and mem.frees == [2 * 8 * 8]
 
 
 def test_build_info_mismatches_are_refused():
@@ -210,3 +259,32 @@ def test_build_info_mismatches_are_refused():
         with pytest.raises(EngineMismatchError, match=message) as exc:
             check_build_info(info, entry, *args, "art", "decoder")
         assert "fila build --artifacts art --stages decoder" in str(exc.value)
+
+
+def test_engine_loader_finds_the_plan_by_stage_and_variant(tiny_artifacts, tmp_path):
+    """The loader is given (stage, variant), not an ONNX path it has to map back."""
+    import json
+    import shutil
+
+    from runtime.backends.tensorrt.loader import EngineLoader, built_engines
+    from runtime.manifest import Manifest
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifacts, art)
+    (art / "engines").mkdir()
+    engines = {
+        f"{stage}.{variant}": {
+            "plan": f"{stage}.{variant}.plan",
+            "stage": stage,
+            "precision": variant,
+        }
+        for stage, variant in [("decoder", "fp16"), ("vision", "fp16"), ("decoder", "fp32")]
+    }
+    (art / "engines" / "build_info.json").write_text(json.dumps({"engines": engines}))
+    manifest = Manifest.load(art)
+    _, entry = EngineLoader(manifest, "decoder", "fp16").entry()
+    assert entry["plan"] == "decoder.fp16.plan"
+    assert EngineLoader(manifest, "decoder", "fp32").entry()[1]["plan"] == "decoder.fp32.plan"
+    with pytest.raises(EngineMismatchError, match=r"no engine for stage embed \(fp16\)"):
+        EngineLoader(manifest, "embed", "fp16").entry()
+    assert built_engines(manifest) == {("decoder", "fp16"), ("vision", "fp16"), ("decoder", "fp32")}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fila_export.demo import data
-from fila_export.validate import answer_accuracy
+from fila_export.validation.accuracy import answer_accuracy
 from runtime.answers import exact_match, read_questions
 from tests.conftest import run_fila
 

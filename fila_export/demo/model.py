@@ -9,8 +9,8 @@ grid), a 5-layer ViT of width 128 (the projector reads layer 4), a 4-stage ConvN
 
 from __future__ import annotations
 
-from fila_export.config import ConvNextConfig, FilaConfig
 from fila_export.demo.data import DEFAULT_PINPOINTS, DEFAULT_TILE
+from fila_export.model.config import ConvNextConfig, FilaConfig
 
 DEMO_VOCAB = 300  # byte-level BPE: 256 bytes + 4 specials + 40 merges (digits stay single tokens)
 DEMO_MAX_POSITIONS = 256  # <= 88 image tokens (2 x 2 grid) + a two-question chat

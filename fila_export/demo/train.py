@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from fila_export.demo import data
-from fila_export.model import FilaForConditionalGeneration, ImageFeatures
 from fila_export.model import vision as V
+from fila_export.model.fila import FilaForConditionalGeneration, ImageFeatures
 from runtime.preprocess import PreprocessedImage, preprocess
 from runtime.prompt import PromptBuilder, expand_image_tokens
 
@@ -31,7 +31,7 @@ IGNORE = -100
 
 def demo_prompts(vocab_size: int):
     """The tokenizer (same BPE ``save_checkpoint`` writes for this vocab) and its chat prompts."""
-    from fila_export.tokenizer import CHAT_TEMPLATE, build_tokenizer
+    from fila_export.model.tokenizer import CHAT_TEMPLATE, build_tokenizer
 
     return PromptBuilder(build_tokenizer(min(vocab_size, 4096)), CHAT_TEMPLATE)
 
@@ -82,7 +82,7 @@ def make_example(
     turns: Sequence[tuple[str, str]] | None = None,
 ) -> Example:
     """The sample's reading question (or the given ``turns``) with its image preprocessed."""
-    from fila_export.config import preprocess_config
+    from fila_export.model.config import preprocess_config
     from runtime.preprocess import num_image_tokens
 
     pcfg = preprocess_config(model_config)
@@ -193,7 +193,7 @@ def encode_images(
         if model.convnext is not None:
             views = torch.cat([torch.from_numpy(images[i].global_view) for i in members]).to(dtype)
             maps = V.convnext_maps(model.convnext, views)
-        for k, (start, end) in enumerate(V.vit_segments(cfg)):
+        for k, (start, end) in enumerate(cfg.vit_segments()):
             hidden = V.run_vit_layers(model.vision_tower, hidden, start, end)
             if k < len(maps):
                 parts = hidden.split(tiles)
@@ -260,7 +260,7 @@ def answer(
     max_new_tokens: int = 10,
 ) -> str:
     """Greedy answer through the inference path (``encode_image`` + ``generate``), stripped."""
-    from fila_export.config import preprocess_config
+    from fila_export.model.config import preprocess_config
     from runtime.preprocess import num_image_tokens
 
     pcfg = preprocess_config(model.config)
@@ -343,109 +343,126 @@ def lr_at(step: int, total: int, s: TrainSettings) -> float:
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(
-    model: FilaForConditionalGeneration, prompts: PromptBuilder, s: TrainSettings
-) -> dict[str, Any]:
-    """Train in place; returns metrics (the final held-out eval is the caller's)."""
-    from tqdm import tqdm
-
-    torch.manual_seed(s.seed)
-    head = ReadingHead(model.config.text["hidden_size"]) if s.head_weight else None
+def make_optimizer(model, head, s: TrainSettings):
+    """AdamW with decay on matrices (not embeddings); returns it and every trained parameter."""
     named = list(model.named_parameters())
     if head is not None:
         named += [(f"reading_head.{n}", p) for n, p in head.named_parameters()]
     decay, no_decay = [], []
     for name, p in named:
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": s.weight_decay},
-            {"params": no_decay, "weight_decay": 0},
-        ],
-        lr=s.lr,
-        betas=(0.9, 0.98),
-        eps=1e-8,
+    groups = [
+        {"params": decay, "weight_decay": s.weight_decay},
+        {"params": no_decay, "weight_decay": 0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.98), eps=1e-8)
+    return opt, [p for _, p in named]
+
+
+def training_batch(model, prompts, s: TrainSettings, rng, index: int, step: int, planned: int):
+    """The next ``batch_size`` generated examples (plain images early in the curriculum);
+    returns them and the next sample index."""
+    batch = []
+    for _ in range(s.batch_size):
+        p_plain = s.plain_start * max(0.0, 1 - step / max(1.0, s.plain_until * planned))
+        boundary = True if data.forced_boundary(index, s.train_boundary_share) else None
+        sample = data.make_sample(
+            s.seed, index, boundary, plain=bool(rng.random() < p_plain), **s.data_kwargs
+        )
+        index += 1
+        turns = training_turns(sample, rng, s.aux_share)
+        batch.append(make_example(sample, prompts, model.config, turns))
+    return batch, index
+
+
+def fit_to_budget(model, prompts, heldout, periodic, s: TrainSettings, step, since, t0):
+    """Fit the schedule to the time budget: time per step (after the slow first ones), plus
+    periodic evals (one timed now on a few samples) and a final full eval. Returns (planned
+    steps, seconds spent evaluating)."""
+    per_step = (time.perf_counter() - since) / (step - 5)
+    te = time.perf_counter()
+    evaluate(model, prompts, heldout[:8])
+    per_sample = (time.perf_counter() - te) / 8
+    spent = time.perf_counter() - te
+    reserve = per_sample * len(heldout) * 1.3 + 10
+    usable = s.minutes * 60 - (time.perf_counter() - t0) - reserve
+    cost = per_step + per_sample * len(periodic) / max(1, s.eval_every)
+    planned = max(step + 1, step + int(usable / cost))
+    s.log(
+        f"time budget: {per_step:.2f} s/step, eval {per_sample:.2f} s/sample -> "
+        f"{planned} steps (rerun with --steps {planned} to reproduce the schedule)"
     )
+    return planned, spent
+
+
+def periodic_eval(model, prompts, periodic, s: TrainSettings, step, losses, t0) -> float:
+    """Held-out exact match now, logged and kept in ``s.history``; returns its seconds."""
+    te = time.perf_counter()
+    res = evaluate(model, prompts, periodic)
+    ema, head_ema = losses
+    rec = {
+        "step": step,
+        "loss": round(ema, 4),
+        "head_loss": round(head_ema, 4),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        **{k: v for k, v in res.items() if k != "predictions"},
+    }
+    s.history.append(rec)
+    s.log(
+        f"step {step}: loss {ema:.3f} (head {head_ema:.3f}), held-out[{len(periodic)}] exact "
+        f"match {res['accuracy']:.1%} (boundary {res['boundary_accuracy']:.1%}), "
+        f"{rec['wall_s']:.0f} s"
+    )
+    return time.perf_counter() - te
+
+
+def train(
+    model: FilaForConditionalGeneration, prompts: PromptBuilder, s: TrainSettings
+) -> dict[str, Any]:
+    """Train in place; returns metrics (the final held-out eval is the caller's)."""
+    from tqdm import tqdm
+
+    if s.steps is None and not s.minutes:
+        raise ValueError("give steps or minutes")
+    torch.manual_seed(s.seed)
+    head = ReadingHead(model.config.text["hidden_size"]) if s.head_weight else None
+    opt, params = make_optimizer(model, head, s)
     rng = np.random.default_rng([s.seed, 1])
-    index = 0
     heldout = data.heldout_set(s.heldout, **s.data_kwargs)
     periodic = heldout[: s.eval_samples]
     model.train()
     t0 = time.perf_counter()
-    budget = s.minutes * 60 if s.minutes else None
-    total = s.steps
-    if total is None and budget is None:
-        raise ValueError("give steps or minutes")
-    planned = total or 10**9
-    bar = tqdm(total=total, disable=not s.progress, dynamic_ncols=True, mininterval=2)
-    step, ema, head_ema, eval_time, calib_from, calib_at = 0, None, 0.0, 0.0, None, 25
+    planned = s.steps or 10**9
+    bar = tqdm(total=s.steps, disable=not s.progress, dynamic_ncols=True, mininterval=2)
+    step, index, ema, head_ema, eval_time, since = 0, 0, None, 0.0, 0.0, None
     while step < planned:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, planned, s)
-        batch = []
-        for _ in range(s.batch_size):
-            p_plain = s.plain_start * max(0.0, 1 - step / max(1.0, s.plain_until * planned))
-            boundary = True if data.forced_boundary(index, s.train_boundary_share) else None
-            sample = data.make_sample(
-                s.seed, index, boundary, plain=bool(rng.random() < p_plain), **s.data_kwargs
-            )
-            index += 1
-            turns = training_turns(sample, rng, s.aux_share)
-            batch.append(make_example(sample, prompts, model.config, turns))
+        batch, index = training_batch(model, prompts, s, rng, index, step, planned)
         parts: dict[str, float] = {}
         loss = batch_loss(model, batch, head, s.head_weight, parts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], s.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         opt.step()
         step += 1
         ema = parts["lm"] if ema is None else 0.95 * ema + 0.05 * parts["lm"]
-        head_ema = (
-            parts.get("head", 0.0) if step == 0 else 0.95 * head_ema + 0.05 * parts.get("head", 0.0)
-        )
+        head_ema = 0.95 * head_ema + 0.05 * parts.get("head", 0.0)
         bar.update(1)
         bar.set_postfix(
             loss=f"{ema:.3f}", head=f"{head_ema:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}"
         )
         if step == 5:
-            calib_from = time.perf_counter()
-        if total is None and step == calib_at:
-            # Fit the schedule to the time budget: time per step (after the slow first ones),
-            # plus periodic evals (one timed now on a few samples) and a final full eval.
-            per_step = (time.perf_counter() - calib_from) / (step - 5)
-            te = time.perf_counter()
-            evaluate(model, prompts, heldout[:8])
-            per_sample = (time.perf_counter() - te) / 8
-            eval_time += time.perf_counter() - te
-            reserve = per_sample * len(heldout) * 1.3 + 10
-            usable = budget - (time.perf_counter() - t0) - reserve
-            cost = per_step + per_sample * len(periodic) / max(1, s.eval_every)
-            planned = max(step + 1, step + int(usable / cost))
+            since = time.perf_counter()
+        if s.steps is None and step == 25:
+            planned, spent = fit_to_budget(model, prompts, heldout, periodic, s, step, since, t0)
+            eval_time += spent
             bar.total = planned
             bar.refresh()
-            s.log(
-                f"time budget: {per_step:.2f} s/step, eval {per_sample:.2f} s/sample -> "
-                f"{planned} steps (rerun with --steps {planned} to reproduce the schedule)"
-            )
         if s.eval_every and step % s.eval_every == 0 and step < planned:
-            te = time.perf_counter()
-            res = evaluate(model, prompts, periodic)
-            eval_time += time.perf_counter() - te
-            rec = {
-                "step": step,
-                "loss": round(ema, 4),
-                "head_loss": round(head_ema, 4),
-                "wall_s": round(time.perf_counter() - t0, 1),
-                **{k: v for k, v in res.items() if k != "predictions"},
-            }
-            s.history.append(rec)
-            s.log(
-                f"step {step}: loss {ema:.3f} (head {head_ema:.3f}), held-out[{len(periodic)}] exact match "
-                f"{res['accuracy']:.1%} (boundary {res['boundary_accuracy']:.1%}), "
-                f"{rec['wall_s']:.0f} s"
-            )
-        if budget is not None and time.perf_counter() - t0 > budget:
+            eval_time += periodic_eval(model, prompts, periodic, s, step, (ema, head_ema), t0)
+        if s.minutes and time.perf_counter() - t0 > s.minutes * 60:
             s.log(f"time budget of {s.minutes} min reached at step {step} of {planned}")
             break
     bar.close()

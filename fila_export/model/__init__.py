@@ -1,5 +1,3 @@
-"""The reference FILA model (PyTorch)."""
-
-from fila_export.model.fila import FilaForConditionalGeneration, ImageFeatures
-
-__all__ = ["FilaForConditionalGeneration", "ImageFeatures"]
+"""The reference FILA model (PyTorch): config and presets, the model, checkpoint I/O, the tokenizer
+and the reference pipeline. Import the modules themselves (``fila_export.model.fila``): this
+package imports nothing, so the config can be read without torch."""

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fila_export.config import FilaConfig, preprocess_config
 from fila_export.model import vision
+from fila_export.model.config import FilaConfig, preprocess_config
 from runtime.errors import PromptError
-from runtime.preprocess import NEWLINE, PreprocessedImage, packing_index
+from runtime.preprocess import NEWLINE, PreprocessedImage
 
 
 def build_language_model(config: FilaConfig) -> nn.Module:
@@ -118,10 +118,9 @@ class FilaForConditionalGeneration(nn.Module):
         return ImageFeatures(self.pack(projected, image))
 
     def pack(self, projected: torch.Tensor, image: PreprocessedImage) -> torch.Tensor:
-        """Unpad + image_newline, by the runtime's packing index (one implementation)."""
-        index = packing_index(image.image_size, image.grid, self.config.tokens_per_side)
+        """Unpad + image_newline, by the image's packing index (the runtime's, one rule)."""
         rows = torch.cat([projected.reshape(-1, projected.shape[-1]), self.image_newline[None]])
-        index = np.where(index == NEWLINE, rows.shape[0] - 1, index)
+        index = np.where(image.token_index == NEWLINE, rows.shape[0] - 1, image.token_index)
         return rows[torch.from_numpy(index)]
 
     # --- text ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fila_export.config import FilaConfig
+from fila_export.model.config import FilaConfig
 from fila_export.model.cvfm import CVFMBlock
 
 
@@ -48,23 +48,11 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
-def vit_segments(config: FilaConfig) -> list[tuple[int, int]]:
-    """[start, end) ViT layer ranges between interaction layers (one range without ConvNeXt)."""
-    bounds = config.interaction_layers if config.has_convnext else []
-    edges = [0, *bounds, config.num_feature_layers]
-    return list(zip(edges[:-1], edges[1:], strict=True))
-
-
-def cvfm_windows(config: FilaConfig) -> list[int]:
-    """ConvNeXt cells per tile side at each stage (stage strides 4, 8, 16, 32)."""
-    return [config.global_tile_size // (4 * 2**i) for i in range(4)]
-
-
 def build_cvfm(config: FilaConfig) -> nn.ModuleList:
     vit_dim = config.vision["hidden_size"]
     return nn.ModuleList(
         CVFMBlock(vit_dim, dim, win, config.tokens_per_side, config.cvfm_gate_init)
-        for dim, win in zip(config.convnext.dims, cvfm_windows(config), strict=True)
+        for dim, win in zip(config.convnext.dims, config.cvfm_windows(), strict=True)
     )
 
 
@@ -99,7 +87,7 @@ def encode(
 ) -> torch.Tensor:
     """One image's tiles (N, 3, T, T) [+ global view] -> ViT features (N, P, D), unprojected."""
     hidden = vit_embed(vit, pixel_values)
-    segments = vit_segments(config)
+    segments = config.vit_segments()
     maps = convnext_maps(convnext, global_view) if convnext is not None else []
     for k, (start, end) in enumerate(segments):
         hidden = run_vit_layers(vit, hidden, start, end)

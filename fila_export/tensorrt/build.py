@@ -15,13 +15,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from runtime.backends.tensorrt import gpu_info, jetson_release
+from runtime.backends.tensorrt.device import gpu_info, jetson_release
+from runtime.backends.tensorrt.loader import BUILD_INFO, ENGINE_DIR
 from runtime.errors import FilaError
 from runtime.manifest import Manifest, sha256_file
 from runtime.profiles import Profile, stage_profiles
-
-ENGINE_DIR = "engines"
-BUILD_INFO = "build_info.json"
+from runtime.variants import PrecisionSpec, choose_decoder, stage_variants
 
 
 class TensorRTUnavailable(FilaError):
@@ -92,17 +91,35 @@ def build_stage(
         save_timing_cache=str(timing_cache) if timing_cache else None,
     )
     SaveEngine(engine, str(plan))()
+    seconds = round(time.perf_counter() - t0, 2)
+    return engine_entry(manifest, stage, precision, plan) | {
+        "build_seconds": seconds,
+        "strongly_typed": strongly_typed,
+    }
+
+
+def engine_entry(manifest: Manifest, stage: str, variant: str, plan: Path) -> dict:
+    """A plan's build_info.json entry: what it was built from and with which profiles."""
     return {
         "plan": plan.name,
         "stage": stage,
-        "precision": precision,
-        "source_onnx": manifest.variant(stage, precision)["file"],
-        "source_sha256": manifest.variant(stage, precision)["sha256"],
-        "profiles": [p.to_dict() for p in profiles],
-        "build_seconds": round(time.perf_counter() - t0, 2),
+        "precision": variant,
+        "source_onnx": manifest.variant(stage, variant)["file"],
+        "source_sha256": manifest.variant(stage, variant)["sha256"],
+        "profiles": [p.to_dict() for p in stage_profiles(manifest, stage)],
         "engine_bytes": plan.stat().st_size,
         "plan_sha256": sha256_file(plan),
-        "strongly_typed": strongly_typed,
+    }
+
+
+def machine_record(trt, built: str) -> dict:
+    """Where the plans were built: TensorRT, GPU, L4T release (the runner checks these)."""
+    return {
+        "tensorrt": trt.__version__,
+        "gpu": gpu_info(),
+        "jetson_l4t": jetson_release(),
+        "host": platform.node(),
+        "built": built,
     }
 
 
@@ -119,37 +136,39 @@ def build_engines(
 
     trt = import_tensorrt()
     manifest = Manifest.load(artifacts)
-    names = list(stages) if stages else default_build_stages(manifest)
+    plan = build_plan(manifest, precision, stages)
     out_dir = manifest.folder / ENGINE_DIR
     out_dir.mkdir(exist_ok=True)
     info_path = out_dir / BUILD_INFO
     info = json.loads(info_path.read_text()) if info_path.is_file() else {"engines": {}}
-    info.update(
-        {
-            "tensorrt": trt.__version__,
-            "gpu": gpu_info(),
-            "jetson_l4t": jetson_release(),
-            "host": platform.node(),
-            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-    )
-    for name in tqdm(names, desc="build", unit="engine", disable=not progress):
-        variant = precision if precision in manifest.stage(name)["variants"] else "fp32"
-        info["engines"][f"{name}.{variant}"] = build_stage(
-            manifest,
-            name,
-            variant,
-            out_dir,
-            workspace_mb,
-            Path(timing_cache) if timing_cache else None,
-        )
+    info.update(machine_record(trt, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+    cache = Path(timing_cache) if timing_cache else None
+    for name, variant in tqdm(plan, desc="build", unit="engine", disable=not progress):
+        entry = build_stage(manifest, name, variant, out_dir, workspace_mb, cache)
+        info["engines"][f"{name}.{variant}"] = entry
         info_path.write_text(json.dumps(info, indent=2))
     return info_path
 
 
 def default_build_stages(manifest: Manifest) -> list[str]:
-    """What deployment needs: the fused vision graph, embed and decoder."""
-    return [s for s in ("vision", "embed", "decoder") if s in manifest.stages]
+    """What deployment needs: the fused vision graph, embed and the decoder TensorRT runs."""
+    names = [s for s in ("vision", "embed") if s in manifest.stages]
+    return [*names, choose_decoder(manifest, "tensorrt")]
+
+
+def build_plan(manifest: Manifest, precision: str, stages: Sequence[str] | None) -> list[tuple]:
+    """(stage, variant) of every engine to build: the stages asked for (default: what
+    deployment needs), each at the variant ``precision`` picks for it, as the runtime picks."""
+    spec = PrecisionSpec.parse(precision)
+    spec.check(stage_variants(manifest))
+    names = list(stages) if stages else default_build_stages(manifest)
+    for name in names:
+        if not manifest.spec(name).runs_on("tensorrt"):
+            raise FilaError(
+                f"stage {name} runs on {', '.join(manifest.spec(name).backends)} only (its "
+                "manifest entry); TensorRT cannot build it"
+            )
+    return [(name, spec.variant(name, list(manifest.stage(name)["variants"]))) for name in names]
 
 
 def shape_arg(profile_shapes: dict, index: int) -> str:
@@ -170,7 +189,6 @@ def trtexec_script(
     engines have the same profiles as ours and load in the runtime the same way.
     """
     manifest = Manifest.load(artifacts)
-    names = list(stages) if stages else default_build_stages(manifest)
     lines = [
         "#!/usr/bin/env bash",
         "# Generated by `fila build --emit-trtexec`: builds the same engines as `fila build` with",
@@ -180,8 +198,7 @@ def trtexec_script(
         'TRTEXEC="${TRTEXEC:-trtexec}"',
         f"mkdir -p {ENGINE_DIR}",
     ]
-    for name in names:
-        variant = precision if precision in manifest.stage(name)["variants"] else "fp32"
+    for name, variant in build_plan(manifest, precision, stages):
         onnx_file = manifest.variant(name, variant)["file"]
         args = [
             f"--onnx={onnx_file}",
@@ -209,29 +226,12 @@ def record_engines(
     trt = import_tensorrt()
     manifest = Manifest.load(artifacts)
     out_dir = manifest.folder / ENGINE_DIR
-    info = {
-        "tensorrt": trt.__version__,
-        "gpu": gpu_info(),
-        "jetson_l4t": jetson_release(),
-        "host": platform.node(),
-        "built": "recorded",
-        "engines": {},
-    }
-    for name in stages or default_build_stages(manifest):
-        variant = precision if precision in manifest.stage(name)["variants"] else "fp32"
+    info = machine_record(trt, "recorded") | {"engines": {}}
+    for name, variant in build_plan(manifest, precision, stages):
         plan = out_dir / f"{name}.{variant}.plan"
         if not plan.is_file():
             raise FilaError(f"{plan} not found; run the trtexec script first")
-        info["engines"][f"{name}.{variant}"] = {
-            "plan": plan.name,
-            "stage": name,
-            "precision": variant,
-            "source_onnx": manifest.variant(name, variant)["file"],
-            "source_sha256": manifest.variant(name, variant)["sha256"],
-            "profiles": [p.to_dict() for p in stage_profiles(manifest, name)],
-            "engine_bytes": plan.stat().st_size,
-            "plan_sha256": sha256_file(plan),
-        }
+        info["engines"][f"{name}.{variant}"] = engine_entry(manifest, name, variant, plan)
     path = out_dir / BUILD_INFO
     path.write_text(json.dumps(info, indent=2))
     return path

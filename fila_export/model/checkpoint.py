@@ -7,13 +7,14 @@ branch), current and legacy key layouts. Safetensors only: nothing is unpickled.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from fila_export.config import FilaConfig
-from fila_export.model import FilaForConditionalGeneration
+from fila_export.model.config import FilaConfig
+from fila_export.model.fila import FilaForConditionalGeneration
 from runtime.errors import CheckpointError, ConfigError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -139,10 +140,24 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32):
     model = FilaForConditionalGeneration(config)
     check_state_dict(model, state)
     state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+    if model.tied_embeddings and _saved_head_differs(state):
+        warnings.warn(
+            f"{folder}: config.json says tie_word_embeddings, but the saved lm_head.weight "
+            "differs from embed_tokens.weight; using the saved head (as transformers does)",
+            stacklevel=2,
+        )
+        config.text["tie_word_embeddings"] = False
+        model.language_model.config.tie_word_embeddings = False
     model.load_state_dict(state, strict=False, assign=True)
     if model.tied_embeddings:
         model.language_model.tie_weights()
     return model.to(dtype).eval(), config
+
+
+def _saved_head_differs(state: dict[str, torch.Tensor]) -> bool:
+    head = state.get("language_model.lm_head.weight")
+    embed = state.get("language_model.model.embed_tokens.weight")
+    return head is not None and embed is not None and not torch.equal(head, embed)
 
 
 def save_checkpoint(
@@ -154,7 +169,7 @@ def save_checkpoint(
     """Write the checkpoint layout ``load_checkpoint`` reads (and transformers reads too)."""
     from safetensors.torch import save_file
 
-    from fila_export.tokenizer import write_tokenizer
+    from fila_export.model.tokenizer import write_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -203,7 +218,7 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[s
 
 def init_checkpoint(preset_name: str, out: str | Path, seed: int = 0) -> Path:
     """A deterministic random checkpoint from a named preset (tests, demos, benchmarks)."""
-    from fila_export.config import preset
+    from fila_export.model.config import preset
 
     config = preset(preset_name)
     torch.manual_seed(seed)

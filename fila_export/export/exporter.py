@@ -8,7 +8,6 @@ so a failed or interrupted export leaves nothing half-written.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -18,21 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fila_export import onnx_utils
-from fila_export.checkpoint import load_checkpoint
-from fila_export.config import preprocess_config
-from fila_export.errors_io import OutputError, ensure_new_folder
-from fila_export.gqa_decoder import onnx_translation
-from fila_export.stages import (
-    StageSpec,
-    dynamic_shapes,
-    export_values,
-    sample_inputs,
-    stage_specs,
-    vision_chain,
-)
+from fila_export.export.gqa_decoder import onnx_translation
+from fila_export.export.graph_edits import rename_axes, to_fp16
+from fila_export.export.modules import dynamic_shapes, export_values, sample_inputs, stage_module
+from fila_export.export.stages import stage_specs, vision_chain
+from fila_export.folders import OutputError, ensure_new_folder
+from fila_export.model.checkpoint import load_checkpoint
+from fila_export.model.config import preprocess_config
+from runtime import onnx_io
+from runtime.compare import rel_l2, tolerance
 from runtime.errors import CheckpointError, ExportError
 from runtime.manifest import FORMAT, Manifest, file_entry
+from runtime.prompt import PromptBuilder
+from runtime.spec import StageSpec
 
 TOOLKIT_VERSION = "0.1.0"
 OPSET = 18
@@ -50,7 +47,7 @@ def export_stage(model, spec: StageSpec, path: Path, slim: bool = True) -> list[
     """Export one stage to ``path``; returns the files written (graph [+ external data])."""
     import onnxslim
 
-    wrapper = spec.build(model).eval()
+    wrapper = stage_module(model, spec.name)
     inputs = sample_inputs(spec, export_values(spec))
     names_in = [t.name for t in spec.inputs]
     names_out = [t.name for t in spec.outputs]
@@ -68,24 +65,31 @@ def export_stage(model, spec: StageSpec, path: Path, slim: bool = True) -> list[
         )
     model_proto = program.model_proto
     axes = {t.name: list(t.shape) for t in [*spec.inputs, *spec.outputs]}
-    onnx_utils.rename_axes(model_proto, axes)
-    files = onnx_utils.save(model_proto, path)
-    onnx_utils.check(path)
+    rename_axes(model_proto, axes)
+    files = onnx_io.save(model_proto, path)
+    onnx_io.check(path)
     feeds = dict(zip(names_in, (i.numpy() for i in inputs), strict=True))
     expected = torch_outputs(wrapper, inputs)
-    before = onnx_utils.run(path, feeds)
-    _compare(spec.name, "export", expected, before, 1e-4)
+    before = run_graph(path, feeds)
+    _compare(spec.name, "export", expected, before, tolerance("fp32"))
     if slim:
-        slimmed = onnxslim.slim(onnx_utils.load(path))
-        onnx_utils.rename_axes(slimmed, axes)
-        files = onnx_utils.save(slimmed, path)
-        onnx_utils.check(path)
-        _compare(spec.name, "onnxslim", before, onnx_utils.run(path, feeds), SLIM_TOLERANCE)
+        slimmed = onnxslim.slim(onnx_io.load(path))
+        rename_axes(slimmed, axes)
+        files = onnx_io.save(slimmed, path)
+        onnx_io.check(path)
+        _compare(spec.name, "onnxslim", before, run_graph(path, feeds), SLIM_TOLERANCE)
     return files
 
 
+def run_graph(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The graph's outputs on ONNX Runtime's CPU provider (the parity checks' other side)."""
+    session = onnx_io.session(path)
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
 def export_fp16(src: Path, dst: Path) -> list[Path]:
-    return onnx_utils.save(onnx_utils.to_fp16(onnx_utils.load(src)), dst)
+    return onnx_io.save(to_fp16(onnx_io.load(src)), dst)
 
 
 def _compare(stage: str, step: str, want: list, got: list, tol: float) -> None:
@@ -94,7 +98,7 @@ def _compare(stage: str, step: str, want: list, got: list, tol: float) -> None:
             raise ExportError(
                 f"{stage}: after {step}, output {i} has shape {b.shape}, expected {a.shape}"
             )
-        err = onnx_utils.rel_l2(a, b)
+        err = rel_l2(a, b)
         if not err <= tol:
             raise ExportError(
                 f"{stage}: after {step}, output {i} differs from the reference by {err:.2e} relative "
@@ -153,32 +157,16 @@ def export_artifacts(
     model, config = load_checkpoint(checkpoint)
     specs = stage_specs(config, max_context=max_context)
     names = select_stages(list(specs), stages)
-    ensure_new_folder(out, force=False) if not force else None
+    if not force:
+        ensure_new_folder(out, force=False)
+    tmp = _scratch_folder(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write to {out.parent} ({exc.strerror}); choose a writable --out"
-        ) from exc
-    try:
-        data = _manifest_skeleton(config, checkpoint, tmp)
+        data = _manifest_skeleton(model, config, checkpoint, tmp)
         bar = tqdm(names, desc="export", unit="stage", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
-            spec = specs[name]
-            t0 = time.perf_counter()
-            fp32 = tmp / f"{name}.onnx"
-            files = export_stage(model, spec, fp32)
-            entry = spec.to_dict() | {"variants": {}, "export_seconds": 0.0}
-            entry["variants"]["fp32"] = _variant(tmp, files, "fp32")
-            if "fp16" in precisions:
-                fp16_files = export_fp16(fp32, tmp / f"{name}.fp16.onnx")
-                entry["variants"]["fp16"] = _variant(tmp, fp16_files, "fp16")
-            entry["export_seconds"] = round(time.perf_counter() - t0, 2)
-            data["stages"][name] = entry
-        manifest = Manifest(tmp, data)
-        manifest.save()
+            data["stages"][name] = _export_variants(model, specs[name], tmp, precisions)
+        Manifest(tmp, data).save()
         if out.exists():
             ensure_new_folder(out, force=True)
         tmp.chmod(0o755)
@@ -189,6 +177,30 @@ def export_artifacts(
     return Manifest.load(out)
 
 
+def _scratch_folder(out: Path) -> Path:
+    """A new folder beside ``out``, renamed to it only when the export succeeds."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write to {out.parent} ({exc.strerror}); choose a writable --out"
+        ) from exc
+
+
+def _export_variants(model, spec: StageSpec, folder: Path, precisions: Sequence[str]) -> dict:
+    """One stage's fp32 graph (and fp16 from it): its manifest entry."""
+    t0 = time.perf_counter()
+    fp32 = folder / f"{spec.name}.onnx"
+    entry = spec.to_dict() | {"variants": {}}
+    entry["variants"]["fp32"] = _variant(folder, export_stage(model, spec, fp32), "fp32")
+    if "fp16" in precisions:
+        fp16 = export_fp16(fp32, folder / f"{spec.name}.fp16.onnx")
+        entry["variants"]["fp16"] = _variant(folder, fp16, "fp16")
+    entry["export_seconds"] = round(time.perf_counter() - t0, 2)
+    return entry
+
+
 def _variant(folder: Path, files: list[Path], precision: str) -> dict:
     entry = file_entry(folder, files[0], precision=precision)
     if len(files) > 1:
@@ -196,10 +208,9 @@ def _variant(folder: Path, files: list[Path], precision: str) -> dict:
     return entry
 
 
-def _manifest_skeleton(config, checkpoint: Path, folder: Path) -> dict:
-    """Everything but the stages: model config, preprocessing, tokenizer files, newline vector."""
-    from safetensors import safe_open
-
+def _manifest_skeleton(model, config, checkpoint: Path, folder: Path) -> dict:
+    """Everything but the stages: model config, preprocessing, the tokenizer files (the one source
+    of the chat template, EOS and image token), the newline vector."""
     files = {}
     for name in ("tokenizer.json", "tokenizer_config.json"):
         src = checkpoint / name
@@ -207,10 +218,15 @@ def _manifest_skeleton(config, checkpoint: Path, folder: Path) -> dict:
             raise CheckpointError(f"{src} not found: the checkpoint needs its tokenizer files")
         shutil.copy(src, folder / name)
         files[name] = file_entry(folder, folder / name)
-    newline = _read_newline(checkpoint, safe_open)
+    image_token = PromptBuilder.from_folder(folder).image_token_id
+    if image_token != config.image_token_index:
+        raise CheckpointError(
+            f"{checkpoint}: the tokenizer's image token has id {image_token}, config.json's "
+            f"image_token_index is {config.image_token_index}; make them agree"
+        )
+    newline = model.image_newline.detach().float().numpy()
     np.save(folder / "image_newline.npy", newline, allow_pickle=False)
     files["image_newline"] = file_entry(folder, folder / "image_newline.npy")
-    tok_cfg = json.loads((checkpoint / "tokenizer_config.json").read_text())
     return {
         "format": FORMAT,
         "toolkit": TOOLKIT_VERSION,
@@ -219,26 +235,7 @@ def _manifest_skeleton(config, checkpoint: Path, folder: Path) -> dict:
         "model": config.to_dict(),
         "preprocess": preprocess_config(config).to_dict(),
         "tokenizer": "tokenizer.json",
-        "chat_template": tok_cfg.get("chat_template"),
-        "image_token_id": config.image_token_index,
-        "eos_token_ids": [config.text.get("eos_token_id", 2)],
-        "kv_cache": {
-            "layout": "time_major",  # (length, batch, kv_heads, head_dim)
-            "present": "new_positions_only",
-            "prefill_past_length_zero": True,
-        },
         "files": files,
         "vision_chain": vision_chain(config),
         "stages": {},
     }
-
-
-def _read_newline(checkpoint: Path, safe_open) -> np.ndarray:
-    from fila_export.checkpoint import canonical_key, weight_files
-
-    for path in weight_files(checkpoint):
-        with safe_open(str(path), "np") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if canonical_key(key) == "image_newline":
-                    return f.get_tensor(key).astype(np.float32)
-    raise CheckpointError(f"{checkpoint} has no image_newline tensor")

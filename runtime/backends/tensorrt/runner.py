@@ -1,91 +1,21 @@
-"""Native TensorRT backend: deserialised plans run with ``execute_async_v3`` on a CUDA stream.
+"""The TensorRT runners: deserialised plans run with ``execute_async_v3`` on a CUDA stream.
 
 Device buffers are allocated once per tensor at the largest shape any profile allows and reused;
 the decoder's KV cache lives on the device, time-major, so a step binds ``past`` to the cache
 start and ``present`` to the write position: nothing of the cache crosses PCIe/NVLink per token.
-Device memory goes through a small ``DeviceMemory`` interface (cuda-python), which tests replace
-with a host fake to exercise the buffer and profile logic without a GPU.
+The cache is allocated once per runner, grown only when a longer context is asked for, and freed
+by ``close()``.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 from runtime.backends.base import TensorMeta
-from runtime.errors import EngineMismatchError, FilaError
-from runtime.manifest import safe_path
+from runtime.errors import FilaError
 from runtime.profiles import Profile, select_profile
-
-REBUILD = "rebuild it on this machine: fila build --artifacts {art} --stages {stage}"
-
-
-class CudaMemory:
-    """Device memory and copies through cuda-python's runtime API."""
-
-    def __init__(self) -> None:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
-        self.cudart = cudart
-        self.stream = self._check(cudart.cudaStreamCreate())
-
-    def _check(self, result):
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            raise FilaError(f"CUDA error {err}")
-        return rest[0] if rest else None
-
-    def alloc(self, nbytes: int) -> int:
-        return int(self._check(self.cudart.cudaMalloc(max(nbytes, 1))))
-
-    def upload(self, ptr: int, array: np.ndarray) -> None:
-        array = np.ascontiguousarray(array)
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._check(
-            self.cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, self.stream)
-        )
-
-    def download(self, array: np.ndarray, ptr: int) -> None:
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._check(
-            self.cudart.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, kind, self.stream)
-        )
-
-    def memset(self, ptr: int, nbytes: int) -> None:
-        self._check(self.cudart.cudaMemsetAsync(ptr, 0, nbytes, self.stream))
-
-    def synchronize(self) -> None:
-        self._check(self.cudart.cudaStreamSynchronize(self.stream))
-
-
-def check_build_info(
-    info: dict,
-    entry: dict,
-    source_sha256: str,
-    trt_version: str,
-    gpu_name: str | None,
-    artifacts: Path,
-    stage: str,
-) -> None:
-    """Refuse a plan built for another TensorRT, GPU or ONNX file."""
-    fix = REBUILD.format(art=artifacts, stage=stage)
-    if info.get("tensorrt") != trt_version:
-        raise EngineMismatchError(
-            f"{entry['plan']} was built with TensorRT {info.get('tensorrt')}, this is {trt_version}; {fix}"
-        )
-    if gpu_name is not None and info.get("gpu", {}).get("name") != gpu_name:
-        raise EngineMismatchError(
-            f"{entry['plan']} was built on {info.get('gpu', {}).get('name')}, this GPU is {gpu_name}; {fix}"
-        )
-    if entry.get("source_sha256") != source_sha256:
-        raise EngineMismatchError(
-            f"{entry['plan']} was built from another {entry.get('source_onnx')} (the export changed); {fix}"
-        )
 
 
 class TrtRunner:
@@ -165,20 +95,48 @@ class TrtRunner:
         self.last_inference_time = time.perf_counter() - t0
         return outputs
 
+    def close(self) -> None:
+        """Free the device buffers (and the execution context with them)."""
+        for ptr in self.buffers.values():
+            self.memory.free(ptr)
+        self.buffers = {}
+        self.context = None
+
 
 class TrtDecoderRunner(TrtRunner):
     """The decoder with its KV cache on the device (time-major, one block per layer and K/V)."""
 
     external = ("past.", "present.")
 
-    def allocate_cache(self, num_layers: int, max_len: int, row_shape: tuple[int, ...]) -> None:
-        self.row_shape = tuple(row_shape)  # (batch, kv_heads, head_dim)
+    cache_ptr: int | None = None
+    cache_key: tuple | None = None  # (layers, max_len, row shape) the cache was allocated for
+
+    def ensure_cache(self, num_layers: int, max_len: int, row_shape: tuple[int, ...]) -> None:
+        """The device KV cache for ``max_len`` positions: kept across requests, reallocated only
+        for a longer context (or another layout) than the one it holds."""
+        row_shape = tuple(row_shape)  # (batch, kv_heads, head_dim)
+        if self.cache_key is not None:
+            layers, length, shape = self.cache_key
+            if layers == num_layers and shape == row_shape and length >= max_len:
+                return
+            self.memory.free(self.cache_ptr)
+            self.cache_ptr = None
+        self.row_shape = row_shape
         self.row_bytes = int(np.prod(row_shape)) * np.dtype(np.float32).itemsize
-        self.max_len = max_len
         self.num_layers = num_layers
-        block = self.row_bytes * max_len
-        self.cache_ptr = self.memory.alloc(block * num_layers * 2)
-        self.block_bytes = block
+        self.block_bytes = self.row_bytes * max_len
+        self.cache_ptr = self.memory.alloc(self.block_bytes * num_layers * 2)
+        self.cache_key = (num_layers, max_len, row_shape)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache_key[1] if self.cache_key else 0
+
+    def close(self) -> None:
+        if self.cache_ptr is not None:
+            self.memory.free(self.cache_ptr)
+            self.cache_ptr, self.cache_key = None, None
+        super().close()
 
     def cache_address(self, layer: int, kv: int, position: int) -> int:
         return self.cache_ptr + (layer * 2 + kv) * self.block_bytes + position * self.row_bytes
@@ -213,42 +171,6 @@ class TrtDecoderRunner(TrtRunner):
         return logits
 
 
-def gpu_info() -> dict:
-    """Name and compute capability of GPU 0 via cuda-python (or torch when present)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            cudart = None
-    if cudart is not None:
-        err, props = cudart.cudaGetDeviceProperties(0)
-        if int(err) == 0:
-            name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-            return {
-                "name": name.rstrip("\x00"),
-                "compute_capability": f"{props.major}.{props.minor}",
-            }
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
-    except ImportError:
-        pass
-    raise FilaError("no CUDA GPU found (cuda-python or torch could not see device 0)")
-
-
-def jetson_release() -> str | None:
-    """L4T release from /etc/nv_tegra_release (JetPack 6 is L4T R36), or None off Jetson."""
-    path = Path("/etc/nv_tegra_release")
-    if not path.is_file():
-        return None
-    return path.read_text().splitlines()[0].strip()
-
-
 def _is_input(engine, name: str) -> bool:
     mode = engine.get_tensor_mode(name)
     return getattr(mode, "name", str(mode)).endswith("INPUT")
@@ -268,48 +190,13 @@ def _np_dtype(trt_dtype) -> str:
     }[name]
 
 
-def load_engine_runner(onnx_path: Path, name: str, precision: str | None = None, memory=None):
-    """Loader used by the pipeline: the plan built from ``onnx_path``'s stage, checked against
-    this machine (TensorRT version, GPU, source ONNX hash)."""
-    from runtime.manifest import Manifest
-    from runtime.profiles import stage_profiles
+def runner_for(loader, memory=None):
+    """The runner for a ``EngineLoader``'s engine: the decoder kind when the stage feeds a KV
+    cache (``past.*`` inputs), else the plain one."""
+    spec = loader.manifest.spec(loader.stage)
+    if memory is None and loader.memory is None:
+        from runtime.backends.tensorrt.memory import CudaMemory
 
-    onnx_path = Path(onnx_path)
-    artifacts = onnx_path.parent
-    manifest = Manifest.load(artifacts, verify=False)
-    info_path = artifacts / "engines" / "build_info.json"
-    if not info_path.is_file():
-        raise EngineMismatchError(
-            f"no engines in {artifacts / 'engines'}; build them: fila build --artifacts {artifacts}"
-        )
-    info = json.loads(info_path.read_text())
-    entry = next(
-        (
-            e
-            for e in info["engines"].values()
-            if e["stage"] == name and e["source_onnx"] == onnx_path.name
-        ),
-        None,
-    )
-    if entry is None:
-        raise EngineMismatchError(
-            f"no engine for stage {name} from {onnx_path.name}; {REBUILD.format(art=artifacts, stage=name)}"
-        )
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise FilaError(
-            "the tensorrt backend needs TensorRT (JetPack's python3-libnvinfer)"
-        ) from exc
-    source = manifest.variant(name, entry["precision"])["sha256"]
-    check_build_info(info, entry, source, trt.__version__, gpu_info()["name"], artifacts, name)
-    plan = safe_path(artifacts / "engines", entry["plan"])
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())
-    if engine is None:
-        raise EngineMismatchError(
-            f"TensorRT could not deserialize {plan}; {REBUILD.format(art=artifacts, stage=name)}"
-        )
-    memory = memory or CudaMemory()
-    cls = TrtDecoderRunner if name == "decoder" else TrtRunner
-    return cls(engine, stage_profiles(manifest, name), name, memory)
+        memory = CudaMemory()
+    cls = TrtDecoderRunner if any(n.startswith("past.") for n in spec.input_names()) else TrtRunner
+    return cls(loader(), loader.profiles(), loader.stage, memory or loader.memory)

@@ -23,8 +23,6 @@ from torch import nn
 
 from runtime.generate import DecoderShape
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-
 
 @torch.library.custom_op("fila::group_query_attention", mutates_args=())
 def group_query_attention(
@@ -147,18 +145,6 @@ def onnx_translation() -> dict:
         )
 
     return {torch.ops.fila.group_query_attention.default: gqa}
-
-
-def unsupported_reason(text_config: dict) -> str | None:
-    """Why this LLM cannot use the GQA graph, or None when it can."""
-    kind = text_config.get("model_type", "llama")
-    if kind not in SUPPORTED_TYPES:
-        return f"model_type {kind!r} (supported: {', '.join(SUPPORTED_TYPES)})"
-    if text_config.get("sliding_window") and text_config.get("use_sliding_window", True):
-        window = text_config["sliding_window"]
-        if window < text_config.get("max_position_embeddings", 0):
-            return f"sliding-window attention ({window})"
-    return None
 
 
 class GqaDecoderStage(nn.Module):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from fila_export.checkpoint import load_checkpoint
-from fila_export.model import FilaForConditionalGeneration, ImageFeatures
+from fila_export.model.checkpoint import load_checkpoint
+from fila_export.model.fila import FilaForConditionalGeneration, ImageFeatures
 from runtime.image_io import load_image
-from runtime.preprocess import preprocess
-from runtime.prompt import PromptBuilder, expand_image_tokens
+from runtime.preprocess import PreprocessedImage, preprocess
+from runtime.prompt import PromptBuilder
 
 
 @dataclass
@@ -39,19 +39,21 @@ class ReferencePipeline:
         model, _ = load_checkpoint(folder)
         return cls(model, PromptBuilder.from_folder(folder))
 
-    def encode_images(self, images: Sequence) -> list[ImageFeatures]:
-        cfg = self.model.preprocess_config
+    def preprocess(self, images: Sequence) -> list[PreprocessedImage]:
+        return [preprocess(load_image(im), self.model.preprocess_config) for im in images]
+
+    def encode_images(self, images: Sequence[PreprocessedImage]) -> list[ImageFeatures]:
         with torch.no_grad():
-            return [self.model.encode_image(preprocess(load_image(im), cfg)) for im in images]
+            return [self.model.encode_image(im) for im in images]
 
     def prepare(self, images: Sequence, prompt: str, raw_prompt: bool = False):
-        """(prompt ids, expanded ids, image features) for one request."""
-        text = self.prompts.format(prompt, num_images=len(images), raw=raw_prompt)
-        prompt_ids = self.prompts.encode(text)
-        feats = self.encode_images(images)
-        image_token = self.model.config.image_token_index
-        ids = expand_image_tokens(prompt_ids, image_token, [f.embeds.shape[0] for f in feats])
-        return prompt_ids, ids, feats
+        """(prompt ids, expanded ids, image features) for one request, ids built by the runtime's
+        ``PromptBuilder.request_ids`` (the same ids the torch-free pipeline feeds)."""
+        loaded = self.preprocess(images)
+        prompt_ids, ids = self.prompts.request_ids(
+            prompt, [im.num_tokens for im in loaded], raw=raw_prompt
+        )
+        return prompt_ids, ids, self.encode_images(loaded)
 
     def generate(
         self,

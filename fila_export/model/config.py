@@ -107,6 +107,17 @@ class FilaConfig:
     def max_position_embeddings(self) -> int:
         return int(self.text.get("max_position_embeddings", 2048))
 
+    def vit_segments(self) -> list[tuple[int, int]]:
+        """[start, end) ViT layer ranges between interaction layers (one range without ConvNeXt):
+        each is a ``vit.k`` stage, with a ``cvfm.k`` block after it."""
+        bounds = self.interaction_layers if self.has_convnext else []
+        edges = [0, *bounds, self.num_feature_layers]
+        return list(zip(edges[:-1], edges[1:], strict=True))
+
+    def cvfm_windows(self) -> list[int]:
+        """ConvNeXt cells per tile side at each stage (stage strides 4, 8, 16, 32)."""
+        return [self.global_tile_size // (4 * 2**i) for i in range(4)]
+
     def validate(self) -> None:
         """Refuse configs the model cannot be built from, naming the field and the fix."""
         if self.text_model_type not in SUPPORTED_TEXT_MODELS:

@@ -1,0 +1,52 @@
+"""The ONNX Runtime runner: one graph's session, fed and read as ``name -> array`` dicts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from runtime.backends.base import TensorMeta
+from runtime.onnx_io import BackendError
+
+
+class OrtRunner:
+    """One graph in an InferenceSession (``session_or_loader``: a session, or a loader to call)."""
+
+    def __init__(self, session_or_loader: Callable | object, name: str = "graph") -> None:
+        self.name = name
+        session = session_or_loader() if callable(session_or_loader) else session_or_loader
+        self.session = session
+        self.providers = session.get_providers()
+        self.inputs = [TensorMeta(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()]
+        self.outputs = [TensorMeta(o.name, o.type, tuple(o.shape)) for o in session.get_outputs()]
+        self.last_inference_time = 0.0
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        values = self.session.run(None, feeds)
+        self.last_inference_time = time.perf_counter() - t0
+        return {meta.name: value for meta, value in zip(self.outputs, values, strict=True)}
+
+    def infer_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Run with IO binding: inputs are read from, and outputs written straight into, the given
+        (contiguous) arrays, so no tensor is copied through Python (the decoder's KV cache)."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            _bind(binding.bind_input, name, array)
+        for name, array in outputs.items():
+            _bind(binding.bind_output, name, array)
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        self.last_inference_time = time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Drop the session (its weights and arenas go with it)."""
+        self.session = None
+
+
+def _bind(bind, name: str, array: np.ndarray) -> None:
+    if not array.flags.c_contiguous:
+        raise BackendError(f"{name}: IO binding needs a contiguous array")
+    bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)

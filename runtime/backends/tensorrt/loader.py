@@ -1,0 +1,111 @@
+"""The TensorRT loader: the plan built for one (stage, variant) of an export, checked against this
+machine (TensorRT version, GPU, source ONNX hash) and deserialized when called."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.backends.tensorrt.device import gpu_info
+from runtime.errors import EngineMismatchError, FilaError
+from runtime.manifest import Manifest, safe_path
+from runtime.profiles import Profile, stage_profiles
+
+ENGINE_DIR = "engines"
+BUILD_INFO = "build_info.json"
+REBUILD = "rebuild it on this machine: fila build --artifacts {art} --stages {stage}"
+
+
+def check_build_info(
+    info: dict,
+    entry: dict,
+    source_sha256: str,
+    trt_version: str,
+    gpu_name: str | None,
+    artifacts: Path,
+    stage: str,
+) -> None:
+    """Refuse a plan built for another TensorRT, GPU or ONNX file."""
+    fix = REBUILD.format(art=artifacts, stage=stage)
+    if info.get("tensorrt") != trt_version:
+        raise EngineMismatchError(
+            f"{entry['plan']} was built with TensorRT {info.get('tensorrt')}, this is "
+            f"{trt_version}; {fix}"
+        )
+    built_on = info.get("gpu", {}).get("name")
+    if gpu_name is not None and built_on != gpu_name:
+        raise EngineMismatchError(
+            f"{entry['plan']} was built on {built_on}, this GPU is {gpu_name}; {fix}"
+        )
+    if entry.get("source_sha256") != source_sha256:
+        raise EngineMismatchError(
+            f"{entry['plan']} was built from another {entry.get('source_onnx')} (the export "
+            f"changed); {fix}"
+        )
+
+
+def built_engines(manifest: Manifest) -> set[tuple[str, str]]:
+    """(stage, variant) of every plan ``fila build`` recorded for this export."""
+    info_path = manifest.folder / ENGINE_DIR / BUILD_INFO
+    if not info_path.is_file():
+        return set()
+    engines = json.loads(info_path.read_text()).get("engines", {})
+    return {(e["stage"], e["precision"]) for e in engines.values()}
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise FilaError(
+            "the tensorrt backend needs TensorRT (JetPack's python3-libnvinfer; elsewhere the "
+            "tensorrt wheel for your CUDA)"
+        ) from exc
+    return trt
+
+
+@dataclass
+class EngineLoader:
+    """``loader()`` -> (engine, its optimization profiles) for one stage variant."""
+
+    manifest: Manifest
+    stage: str
+    variant: str
+    memory: object = field(default=None, repr=False)  # device memory for the runner (tests: fake)
+
+    def entry(self) -> tuple[dict, dict]:
+        """(build_info.json, this stage variant's engine entry)."""
+        art = self.manifest.folder
+        info_path = art / ENGINE_DIR / BUILD_INFO
+        if not info_path.is_file():
+            raise EngineMismatchError(
+                f"no engines in {art / ENGINE_DIR}; build them: fila build --artifacts {art}"
+            )
+        info = json.loads(info_path.read_text())
+        entry = info.get("engines", {}).get(f"{self.stage}.{self.variant}")
+        if entry is None:
+            raise EngineMismatchError(
+                f"no engine for stage {self.stage} ({self.variant}); "
+                + REBUILD.format(art=art, stage=self.stage)
+            )
+        return info, entry
+
+    def profiles(self) -> list[Profile]:
+        return stage_profiles(self.manifest, self.stage)
+
+    def __call__(self):
+        trt = import_tensorrt()
+        info, entry = self.entry()
+        art = self.manifest.folder
+        source = self.manifest.variant(self.stage, self.variant)["sha256"]
+        check_build_info(info, entry, source, trt.__version__, gpu_info()["name"], art, self.stage)
+        plan = safe_path(art / ENGINE_DIR, entry["plan"])
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
+            plan.read_bytes()
+        )
+        if engine is None:
+            raise EngineMismatchError(
+                f"TensorRT could not deserialize {plan}; {REBUILD.format(art=art, stage=self.stage)}"
+            )
+        return engine

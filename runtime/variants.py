@@ -1,0 +1,139 @@
+"""Which graph runs: a stage's variant from a precision spec, and the decoder graph for a backend.
+
+Both read what the manifest declares (each stage's variants and the backends that can run it), so
+the runtime, ``fila build``, ``fila validate``, calibration and the benchmark pick alike.
+
+A precision spec is ``fp16`` (every stage that has it, fp32 for the rest), a preference list
+``int8,w4`` (each stage takes the first it has), or per stage or group ``vision=int8,decoder=w4``
+(``vision`` covers the fused graph and every modular vision stage, ``decoder`` every decoder
+graph); the forms mix (``fp16,decoder=w4``). A name that matches no variant of the export is an
+error, not a silent fp32 run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from runtime.errors import FilaError, ManifestError
+
+GROUPS = ("vision", "embed", "decoder")
+DECODER_CHOICES = ("auto", "gqa", "portable")
+
+
+class PrecisionError(FilaError):
+    """A precision spec is malformed or names a stage or variant the export does not have."""
+
+
+def group_of(stage: str) -> str:
+    """``vision``, ``embed`` or ``decoder``: the group a stage answers to in a precision spec."""
+    if stage.startswith("decoder"):
+        return "decoder"
+    return "embed" if stage == "embed" else "vision"
+
+
+@dataclass
+class PrecisionSpec:
+    defaults: list[str] = field(default_factory=list)
+    named: dict[str, str] = field(default_factory=dict)  # stage or group -> variant
+    text: str = "fp32"
+
+    @classmethod
+    def parse(cls, text: str) -> PrecisionSpec:
+        spec = cls(text=text)
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                continue
+            key, eq, value = item.partition("=")
+            if not eq:
+                spec.defaults.append(item)
+            elif not key.strip() or not value.strip():
+                raise PrecisionError(f"precision {text!r}: {item!r} is not STAGE=PRECISION")
+            else:
+                spec.named[key.strip()] = value.strip()
+        return spec
+
+    def check(self, variants: Mapping[str, Sequence[str]]) -> None:
+        """Refuse names that match nothing in an export (``variants``: stage -> its variants)."""
+        stages = list(variants)
+        unknown = [k for k in self.named if k not in (*GROUPS, *stages)]
+        if unknown:
+            raise PrecisionError(
+                f"precision {self.text!r} names {', '.join(unknown)}, which is not a stage; use "
+                f"{', '.join(GROUPS)} or one of {', '.join(stages)}"
+            )
+        have = sorted({v for vs in variants.values() for v in vs})
+        for precision in self.defaults:
+            if precision not in have:
+                raise PrecisionError(
+                    f"precision {precision!r} is not a variant of any stage of this export (it "
+                    f"has {', '.join(have)}); pick one of those, or make it with fila export "
+                    "--precision fp16 / fila calibrate"
+                )
+        for key, precision in self.named.items():
+            covered = [s for s in stages if s == key or group_of(s) == key]
+            if not any(precision in variants[s] for s in covered):
+                options = sorted({v for s in covered for v in variants[s]})
+                raise PrecisionError(
+                    f"precision {key}={precision}: no {key} stage has a {precision} variant (they "
+                    f"have {', '.join(options)})"
+                )
+
+    def variant(self, stage: str, variants: Sequence[str]) -> str:
+        """The variant ``stage`` runs, given the variants it has."""
+        wanted = self.named.get(stage, self.named.get(group_of(stage)))
+        if wanted is not None:
+            if wanted in variants:
+                return wanted
+            warnings.warn(
+                f"stage {stage} has no {wanted} variant (it has {', '.join(variants)}); "
+                "running it in fp32",
+                stacklevel=3,
+            )
+            return "fp32"
+        return next((p for p in self.defaults if p in variants), "fp32")
+
+
+def stage_variants(manifest) -> dict[str, list[str]]:
+    return {name: list(entry["variants"]) for name, entry in manifest.stages.items()}
+
+
+def choose_variant(manifest, spec: str | PrecisionSpec, stage: str) -> str:
+    """The variant of ``stage`` that ``spec`` picks in this export (spec checked first)."""
+    parsed = PrecisionSpec.parse(spec) if isinstance(spec, str) else spec
+    parsed.check(stage_variants(manifest))
+    return parsed.variant(stage, list(manifest.stage(stage)["variants"]))
+
+
+def decoder_stages(manifest) -> list[str]:
+    return [name for name in manifest.stages if group_of(name) == "decoder"]
+
+
+def choose_decoder(manifest, backend: str, wanted: str = "auto") -> str:
+    """The decoder graph to run on ``backend``: ``gqa`` (``decoder_gqa``), ``portable``
+    (``decoder``), or ``auto``: of the decoder graphs the manifest says run on this backend, the
+    one made for the fewest backends (``decoder_gqa`` on ONNX Runtime; the portable graph on
+    TensorRT)."""
+    if wanted not in DECODER_CHOICES:
+        raise FilaError(f"decoder must be one of {', '.join(DECODER_CHOICES)}, got {wanted!r}")
+    runs = {name: manifest.spec(name).backends for name in decoder_stages(manifest)}
+    if wanted == "auto":
+        usable = [name for name, backends in runs.items() if backend in backends]
+        if not usable:
+            have = ", ".join(f"{n} ({'/'.join(b)})" for n, b in runs.items()) or "none"
+            raise ManifestError(
+                f"no decoder graph of this export runs on {backend} (it has {have})"
+            )
+        return min(usable, key=lambda name: (len(runs[name]), name))
+    name = "decoder_gqa" if wanted == "gqa" else "decoder"
+    if name not in runs:
+        raise ManifestError(
+            f"this export has no {name} stage (its LLM type is not supported by it, or it was "
+            f"not exported); use --decoder {'portable' if wanted == 'gqa' else 'auto'}"
+        )
+    if backend not in runs[name]:
+        raise FilaError(
+            f"decoder '{wanted}' ({name}) runs on {', '.join(runs[name])} only; use --decoder auto"
+        )
+    return name

@@ -1,0 +1,109 @@
+"""The verbs a board runs work with torch, transformers and timm unimportable; a verb that needs
+them says in one line which extra to install."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+BLOCKER = """
+import sys
+
+BLOCKED = ("torch", "torchvision", "transformers", "timm")
+
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+
+
+sys.meta_path.insert(0, Block())
+"""
+PHOTO = str(ROOT / "fila_export" / "demo" / "examples" / "photos" / "chelsea.jpg")
+
+
+@pytest.fixture
+def fila_without_torch(tmp_path):
+    """Run ``fila`` in a subprocess (and every process it spawns) where torch cannot load."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+
+    def run(*args: str):
+        cmd = [sys.executable, "-m", "fila_export.cli", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    probe = run("--help")
+    assert probe.returncode == 0, probe.stderr
+    return run
+
+
+def test_the_blocker_blocks(fila_without_torch, tmp_path):
+    r = fila_without_torch("init", "--preset", "tiny", "--out", str(tmp_path / "ckpt"))
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        "error: fila init needs torch, which is not installed here; install it with "
+        "pip install 'fila-deploy[export]'"
+    )
+
+
+def test_fila_run_without_torch(fila_without_torch, tiny_artifacts):
+    r = fila_without_torch(
+        "run",
+        "--artifacts",
+        str(tiny_artifacts),
+        "--image",
+        PHOTO,
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]) <= 4
+
+
+def test_fila_bench_onnxruntime_without_torch(fila_without_torch, tiny_artifacts, tmp_path):
+    out = tmp_path / "bench"
+    r = fila_without_torch(
+        "bench",
+        "--artifacts",
+        str(tiny_artifacts),
+        "--backends",
+        "onnxruntime",
+        "--precisions",
+        "fp32",
+        "--contexts",
+        "16",
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+        "--decode-steps",
+        "2",
+        "--answer-tokens",
+        "2",
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert [x["backend"] for x in data["results"]] == ["onnxruntime"]
+
+
+def test_check_trt_and_verify_without_torch(fila_without_torch, tiny_artifacts):
+    r = fila_without_torch("check-trt", "--artifacts", str(tiny_artifacts), "--precision", "fp16")
+    assert r.returncode == 0, r.stderr
+    r = fila_without_torch("verify", str(tiny_artifacts))
+    assert r.returncode == 0, r.stderr
