@@ -23,8 +23,6 @@ from benchmarks.machine import (
     machine_info,
     measure_bandwidth,
     merge_power,
-    peak_rss_bytes,
-    rss_mb,
     steady_allocator,
 )
 from benchmarks.stats import sample, summarize
@@ -34,6 +32,7 @@ from runtime.errors import FilaError
 from runtime.generate import DecoderShape
 from runtime.image_io import find_images
 from runtime.manifest import Manifest
+from runtime.memory import peak_rss_bytes, rss_mb
 from runtime.variants import decoder_stages
 
 
@@ -232,6 +231,7 @@ def run_bench(
             manifest.model["text"]
         ).kv_bytes_per_position(),
     )
+    precisions = list(precisions) or [manifest.base]
     columns = [
         (b, p, d)
         for b in backends

@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "variants": {},
     }
     for q in precisions:
-        size = onnx_io.file_bytes(manifest.stage_path(stage, q))
+        size = onnx_io.graph_bytes(manifest.stage_path(stage, q))
         med = statistics.median(rates[q])
         result["variants"][q] = {"tokens_per_s": med, "all_rounds": rates[q], "bytes": size}
         print(

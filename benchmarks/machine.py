@@ -152,32 +152,6 @@ def steady_allocator():
                 os.environ[k] = v
 
 
-def rss_mb() -> float:
-    """This process's resident memory now (Linux ``VmRSS``; NaN elsewhere)."""
-    return _status_kb("VmRSS") / 1024
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS: Linux's ``VmHWM`` (``ru_maxrss`` would also carry the parent's
-    peak across fork + exec, so a spawned column would report the parent's), else ``ru_maxrss``."""
-    import math
-    import resource
-
-    hwm = _status_kb("VmHWM")
-    if not math.isnan(hwm):
-        return int(hwm * 1024)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _status_kb(field: str) -> float:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return float("nan")
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
-    return float(match.group(1)) if match else float("nan")
-
-
 class TegraStats:
     """Samples ``tegrastats`` while a block runs: average power (VDD_IN), GR3D and EMC use."""
 

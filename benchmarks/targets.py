@@ -15,7 +15,7 @@ from runtime import onnx_io
 from runtime.image_io import load_image
 from runtime.pipeline import FilaPipeline, load_runners
 from runtime.preprocess import preprocess
-from runtime.variants import PrecisionSpec, choose_decoder
+from runtime.variants import choose_decoder, precision_spec
 from runtime.vision import VisionEncoder
 
 STAGE_GROUPS = (
@@ -107,7 +107,7 @@ def runtime_target(
 
     t.end_to_end = end_to_end
     files = column_files(manifest, backend, precision, decoder)
-    t.sizes = {name: path.stat().st_size for name, path in files.items()}
+    t.sizes = {name: onnx_io.graph_bytes(path) for name, path in files.items()}
     engines = artifacts / "engines"
     if backend == "tensorrt" and engines.is_dir():
         t.sizes.update({p.name: p.stat().st_size for p in engines.glob("*.plan")})
@@ -119,11 +119,10 @@ def column_files(manifest, backend: str, precision: str, decoder: str = "auto") 
     them; PyTorch eager's decoder is the fp32 portable graph (the same LLM weights)."""
     if backend == "torch":
         return {"decoder": manifest.stage_path("decoder", "fp32")}
-    spec = PrecisionSpec.parse(precision)
+    spec = precision_spec(manifest, precision)
     names = ("vision", "embed", choose_decoder(manifest, backend, decoder))
     return {
-        n: manifest.stage_path(n, spec.variant(n, list(manifest.stage(n)["variants"])))
-        for n in names
+        n: manifest.stage_path(n, spec.variant(n, manifest.variants_for(n, backend))) for n in names
     }
 
 

@@ -9,7 +9,7 @@ exact-match task accuracy of fp32 and of each mix.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +42,21 @@ class Variants:
     vision: Path | None
     decoders: dict[str, Path]  # precision -> graph
     portable: dict[str, Path]  # precision -> graph
+    base: str = "fp32"
+    embeds: dict = field(
+        default_factory=dict
+    )  # precision -> (graph, accuracy of the table)  # the export's own precision: what every variant is compared with
 
     def decoder_files(self) -> dict[str, Path]:
         """Decoder key (``w4``, ``trt-w4``) -> graph."""
         return self.decoders | {f"trt-{p}": path for p, path in self.portable.items()}
 
     def configs(self) -> list[tuple[str, str]]:
-        """(vision variant, decoder key) of every mix compared with fp32/fp32."""
-        out = [("fp32", p) for p in self.decoders]
+        """(vision variant, decoder key) of every mix compared with base/base."""
+        out = [(self.base, p) for p in self.decoders]
         if self.vision is not None:
-            out += [("int8", p) for p in ["fp32", *self.decoders]]
-        return out + [("fp32", f"trt-{p}") for p in self.portable]
+            out += [("int8", p) for p in [self.base, *self.decoders]]
+        return out + [(self.base, f"trt-{p}") for p in self.portable]
 
 
 def greedy(pipe: FilaPipeline, runner, embeds: np.ndarray, tokens: int):
@@ -69,23 +73,23 @@ def compare_end_to_end(manifest, split, store, made: Variants, report, settings,
     limit = min(settings.e2e_images, len(split.held_out))
     if not limit or not (made.decoders or made.vision):
         return
-    threads, llm = settings.threads, llm_stage(manifest)
+    threads, llm, base = settings.threads, llm_stage(manifest), made.base
     runners = {
-        n: load_runner("onnxruntime", manifest, n, "fp32", threads=threads) for n in ("embed", llm)
+        n: load_runner("onnxruntime", manifest, n, base, threads=threads) for n in ("embed", llm)
     }
     pipe = FilaPipeline(manifest, runners, prompt_builder(manifest), decoder_stage=llm)
-    decoders = {"fp32": runners[llm]}
+    decoders = {base: runners[llm]}
     for key, path in made.decoder_files().items():
         decoders[key] = OrtRunner(SessionLoader(path, threads=threads), name=key)
     vision_int8 = onnx_io.session(made.vision, threads) if made.vision else None
     configs = made.configs()
-    tokens_by = {c: [] for c in [("fp32", "fp32"), *configs]}
+    tokens_by = {c: [] for c in [(base, base), *configs]}
     logits_by = {d: [] for _, d in tokens_by}
     for index in range(limit):
         record = split.held_out[index]
         image = preprocess(load_image(record.path), manifest.preprocess)
         inputs, ref = store.get("eval", index, "vision")
-        features = {"fp32": ref["image_features"]}
+        features = {base: ref["image_features"]}
         if vision_int8 is not None:
             features["int8"] = vision_int8.run(["image_features"], inputs)[0]
         _, ids = pipe.prompts.request_ids(record.prompt, [image.num_tokens])
@@ -96,7 +100,7 @@ def compare_end_to_end(manifest, split, store, made: Variants, report, settings,
             )
             toks, first = greedy(pipe, decoders[d], embeds[v], settings.tokens)
             tokens_by[(v, d)].append(toks)
-            if v == "fp32":
+            if v == base:
                 logits_by[d].append(first)
     decoder_rows(manifest, llm, made, logits_by, report)
     agreement_rows(manifest, made, configs, tokens_by, report, limit, settings.tokens)
@@ -107,7 +111,7 @@ def decoder_rows(manifest, llm: str, made: Variants, logits_by: dict, report) ->
     variants = [(llm, p, p, path) for p, path in made.decoders.items()]
     variants += [("decoder", p, f"trt-{p}", path) for p, path in made.portable.items()]
     for stage, precision, key, path in variants:
-        m = decoder_accuracy(logits_by["fp32"], logits_by[key])
+        m = decoder_accuracy(logits_by[made.base], logits_by[key])
         tol = tolerance(precision)
         ok = m.rel_l2 <= tol
         msg = (
@@ -120,13 +124,13 @@ def decoder_rows(manifest, llm: str, made: Variants, logits_by: dict, report) ->
         )
         if msg:
             report.messages.append(msg)
-        fp32_bytes = onnx_io.file_bytes(manifest.stage_path(stage))
+        fp32_bytes = onnx_io.graph_bytes(manifest.stage_path(stage))
         report.decoder.append(
             StageRow(
                 stage,
                 precision,
                 path.name,
-                onnx_io.file_bytes(path),
+                onnx_io.graph_bytes(path),
                 fp32_bytes,
                 m,
                 ok,
@@ -138,14 +142,15 @@ def decoder_rows(manifest, llm: str, made: Variants, logits_by: dict, report) ->
 
 def agreement_rows(manifest, made: Variants, configs, tokens_by, report, limit, tokens) -> None:
     """Greedy-token agreement of every mix with the fp32 pipeline, and its loaded bytes."""
-    reference = tokens_by[("fp32", "fp32")]
+    base = made.base
+    reference = tokens_by[(base, base)]
     files = made.decoder_files()
     for v, d in configs:
         portable = d.startswith("trt-")
         precision = d.removeprefix("trt-")
         parts = [
-            f"vision={v}" if v != "fp32" else "",
-            f"decoder={precision}" if precision != "fp32" else "",
+            f"vision={v}" if v != base else "",
+            f"decoder={precision}" if precision != base else "",
         ]
         spec = ",".join(x for x in parts if x)
         label = f"{spec} (TensorRT Q/DQ graph, run on ONNX Runtime)" if portable else spec
@@ -173,7 +178,7 @@ def pipeline_bytes(manifest: Manifest, replaced: dict[str, Path | None]) -> int:
     for stage in ("vision", "embed", "decoder"):
         name = llm_stage(manifest) if stage == "decoder" else stage
         if name in manifest.stages:
-            total += onnx_io.file_bytes(replaced.get(stage) or manifest.stage_path(name))
+            total += onnx_io.graph_bytes(replaced.get(stage) or manifest.stage_path(name))
     return total
 
 
@@ -184,8 +189,8 @@ def task_accuracy(
     records = read_questions(questions)
     report.questions = str(questions)
     opts = {"threads": threads} if threads else {}
-    configs = [("fp32", "fp32", "auto")]
-    configs += [(row.config, row.precision or "fp32", row.decoder) for row in report.end_to_end]
+    configs = [(Manifest.load(folder).base, None, "auto")]
+    configs += [(row.config, row.precision, row.decoder) for row in report.end_to_end]
     reference = None
     for label, spec, decoder in configs:
         say(f"task accuracy: {label} on {len(records)} question(s)")

@@ -35,7 +35,13 @@ from calibration.dataset import (
 from calibration.qdq import METHODS
 from calibration.report import CalibrationReport, StageRow
 from calibration.sensitivity import StageQuantization, quantize_vision_stage
-from calibration.weight_only import LLM_PRECISIONS, quantize_decoder, quantize_decoder_int4_qdq
+from calibration.weight_only import (
+    EMBED_BLOCK,
+    LLM_PRECISIONS,
+    quantize_decoder,
+    quantize_decoder_int4_qdq,
+    quantize_embedding,
+)
 from runtime import onnx_io
 from runtime.backends.onnxruntime import OrtRunner, SessionLoader
 from runtime.compare import MetricAccumulator, tolerance
@@ -131,6 +137,7 @@ def calibrate(
     report = CalibrationReport(
         str(folder), s.method, s.gate_cosine, s.seed, s.max_excluded, split.to_dict()
     )
+    report.base = manifest.base
     store = ActivationStore()
     work = store.root / "graphs"
     work.mkdir()
@@ -160,9 +167,12 @@ def calibrate(
 
 
 def chosen_vision_stages(manifest: Manifest, stages: Sequence[str] | None) -> list[str]:
+    """The vision stages to quantize: all by default, none for ``--stages none``."""
     names = vision_stages(manifest)
     if not stages:
         return names
+    if list(stages) == ["none"]:
+        return []
     unknown = [s for s in stages if s not in names]
     if unknown:
         raise CalibrationError(
@@ -198,8 +208,8 @@ def quantize_vision(manifest, split, store, work, names, s, report, say) -> dict
                 name,
                 "int8",
                 f"{name}.int8.onnx",
-                onnx_io.file_bytes(res.file),
-                onnx_io.file_bytes(manifest.stage_path(name)),
+                onnx_io.graph_bytes(res.file),
+                onnx_io.graph_bytes(manifest.stage_path(name)),
                 res.metrics,
                 res.validated,
                 f"cosine >= {s.gate_cosine}",
@@ -238,8 +248,14 @@ def chain_accuracy(manifest, results: dict, store, limit: int, threads: int | No
 def quantize_llm(manifest: Manifest, work: Path, llm_list: list[str], s, say) -> Variants:
     """Weight-only decoders: MatMulNBits of ONNX Runtime's decoder for each precision, and for w4
     the portable graph's INT4 Q/DQ form (TensorRT's weight-only GEMMs)."""
-    made = Variants(None, {}, {})
+    made = Variants(None, {}, {}, base=manifest.base)
     llm = llm_stage(manifest)
+    if "embed" in manifest.stages:  # the table the LLM reads too: same weight-only precisions
+        for precision in llm_list:
+            say(f"embed {precision} (GatherBlockQuantized)")
+            path = work / f"embed.{precision}.onnx"
+            _, metrics = quantize_embedding(manifest.stage_path("embed"), path, precision)
+            made.embeds[precision] = (path, metrics)
     for precision in llm_list:
         say(f"{llm} {precision}")
         path = work / f"{llm}.{precision}.onnx"
@@ -292,14 +308,37 @@ def decoder_entries(manifest, made: Variants, report, split, s) -> dict[tuple[st
             "gate": {"rel_l2": tolerance(row.precision)},
             "scheme": scheme if qdq else scheme | {"accuracy_level": s.llm_accuracy_level},
         }
-    if not report.decoder:  # no held-out run (no images to compare on): still record them
-        made_ = [(llm, p) for p in made.decoders] + [("decoder", p) for p in made.portable]
-        for stage, precision in made_:
-            entries[(stage, precision)] = {
-                "precision": precision,
-                "validated": False,
-                "method": "rtn-block32-symmetric",
-            }
+    for precision, (path, metrics) in made.embeds.items():
+        ok = metrics.rel_l2 <= tolerance(precision)
+        report.decoder.append(
+            StageRow(
+                "embed",
+                precision,
+                path.name,
+                onnx_io.graph_bytes(path),
+                onnx_io.graph_bytes(manifest.stage_path("embed")),
+                metrics,
+                ok,
+                f"table rel L2 <= {tolerance(precision)}",
+            )
+        )
+        entries[("embed", precision)] = {
+            "precision": precision,
+            "method": f"rtn-block{EMBED_BLOCK}-symmetric",
+            "accuracy": accuracy_entry(metrics),
+            "validated": ok,
+            "backends": ["onnxruntime"],  # com.microsoft.GatherBlockQuantized
+            "scheme": {
+                "weights": f"{precision[1]}-bit blocks of {EMBED_BLOCK}, fp16 scales",
+                "format": "com.microsoft GatherBlockQuantized",
+            },
+        }
+    made_ = [(llm, p) for p in made.decoders] + [("decoder", p) for p in made.portable]
+    for stage, precision in made_:  # not measured (no held-out images): recorded unvalidated
+        entries.setdefault(
+            (stage, precision),
+            {"precision": precision, "validated": False, "method": "rtn-block32-symmetric"},
+        )
     return entries
 
 

@@ -264,7 +264,9 @@ def collect_stage_data(
     last = max((chain.index(s) for s in wanted if s in chain), default=-1)
     chain = [manifest.spec(name) for name in chain[: last + 1]]
     names = [s.name for s in chain] + (["vision"] if "vision" in wanted else [])
-    runners = {n: load_runner("onnxruntime", manifest, n, "fp32", threads=threads) for n in names}
+    runners = {
+        n: load_runner("onnxruntime", manifest, n, manifest.base, threads=threads) for n in names
+    }
     for part, records in (("calib", split.calibration), ("eval", split.held_out)):
         for index, rec in enumerate(records):
             image = preprocess(load_image(rec.path), manifest.preprocess)

@@ -79,6 +79,7 @@ class CalibrationReport:
     messages: list[str] = field(default_factory=list)
     answers: list[dict] = field(default_factory=list)  # task accuracy per precision (--questions)
     questions: str | None = None
+    base: str = "fp32"  # the export's own precision, the reference of every row
 
     @property
     def validated(self) -> bool:
@@ -123,7 +124,7 @@ class CalibrationReport:
             lines.append(
                 f"| {r.stage} | {r.precision} | {m.cosine:.5f} | {m.sqnr_db:.1f} | {m.rel_l2:.2e} "
                 f"| {m.min_image_cosine:.5f} | {kept} | {r.bytes / 1e6:.1f} "
-                f"(fp32 {r.fp32_bytes / 1e6:.1f}) | {'pass' if r.validated else 'FAIL'} ({r.gate}) |"
+                f"({self.base} {r.fp32_bytes / 1e6:.1f}) | {'pass' if r.validated else 'FAIL'} ({r.gate}) |"
             )
         if self.modular_chain:
             m = self.modular_chain
@@ -141,13 +142,13 @@ class CalibrationReport:
             n = self.end_to_end[0]
             lines += [
                 "",
-                f"## Greedy agreement with the fp32 pipeline ({n.images} held-out image(s), "
+                f"## Greedy agreement with the {self.base} pipeline ({n.images} held-out image(s), "
                 f"{n.tokens} tokens each, EOS ignored)",
                 "",
                 "| precision | token agreement | exact match | mean first divergence | "
                 "model size (MB) |",
                 "|---|---|---|---|---|",
-                f"| fp32 | 1.000 | 1.000 | {n.tokens:.1f} | {self.fp32_bytes / 1e6:.1f} |",
+                f"| {self.base} | 1.000 | 1.000 | {n.tokens:.1f} | {self.fp32_bytes / 1e6:.1f} |",
             ]
             for r in self.end_to_end:
                 lines.append(
@@ -160,7 +161,7 @@ class CalibrationReport:
                 "",
                 f"## Task accuracy (exact match) on `{self.questions}`",
                 "",
-                "| precision | exact match | boundary subset | same answer as fp32 |",
+                f"| precision | exact match | boundary subset | same answer as {self.base} |",
                 "|---|---|---|---|",
             ]
             for r in self.answers:

@@ -14,6 +14,7 @@ import numpy as np
 from calibration.dataset import CalibrationError
 from calibration.qdq import quiet_logs
 from runtime import onnx_io
+from runtime.compare import MetricAccumulator
 
 LLM_PRECISIONS = {"w8": 8, "w4": 4}
 
@@ -32,6 +33,7 @@ def quantize_decoder(
     if precision not in LLM_PRECISIONS:
         raise CalibrationError(f"unknown LLM precision {precision!r}; use w8 or w4")
     model = onnx.load(str(fp32_path), load_external_data=True)
+    fold_weight_transposes(model)
     with quiet_logs("onnxruntime.quantization.matmul_nbits_quantizer"):
         quant = MatMulNBitsQuantizer(
             model,
@@ -63,6 +65,7 @@ def quantize_decoder_int4_qdq(fp32_path: Path, out: Path, block_size: int = 32) 
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(fp32_path), load_external_data=True)
+    fold_weight_transposes(model)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     users: dict[str, int] = {}
@@ -111,3 +114,120 @@ def quantize_decoder_int4_qdq(fp32_path: Path, out: Path, block_size: int = 32) 
         if imp.domain in ("", "ai.onnx"):
             imp.version = max(imp.version, QDQ_INT4_OPSET)
     return onnx_io.save(model, out)
+
+
+def fold_weight_transposes(model) -> int:
+    """Replace ``Transpose(W)`` of a 2-D initializer by W's transpose (the tied LM head reads the
+    embedding this way), so every MatMul weight is a constant the quantizers can see."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    folded = 0
+    for node in list(graph.node):
+        weight = inits.get(node.input[0]) if node.op_type == "Transpose" else None
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if weight is None or len(weight.dims) != 2 or perm != [1, 0]:
+            continue
+        transposed = np.ascontiguousarray(numpy_helper.to_array(weight).T)
+        graph.initializer.append(numpy_helper.from_array(transposed, node.output[0]))
+        graph.node.remove(node)
+        folded += 1
+    used = {name for node in graph.node for name in node.input}
+    for init in list(graph.initializer):
+        if init.name not in used and init.name not in {o.name for o in graph.output}:
+            graph.initializer.remove(init)
+    return folded
+
+
+EMBED_BLOCK = 32
+
+
+def quantize_embedding(source: Path, out: Path, precision: str, block_size: int = EMBED_BLOCK):
+    """The ``embed`` graph as ONNX Runtime's ``GatherBlockQuantized``: the table in 4- or 8-bit
+    blocks of ``block_size`` along the hidden axis with an fp16 scale each (symmetric; the op's
+    default zero point 8 / 128). Returns (files, the dequantized table's accuracy)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if precision not in LLM_PRECISIONS:
+        raise CalibrationError(f"unknown embedding precision {precision!r}; use w8 or w4")
+    bits = LLM_PRECISIONS[precision]
+    table = _embedding_table(source)
+    rows, hidden = table.shape
+    if hidden % block_size:
+        raise CalibrationError(f"hidden size {hidden} is not a multiple of block {block_size}")
+    data, scales, accuracy = [], [], MetricAccumulator()
+    for start in range(0, rows, 8192):  # bounded memory: 8192 rows at a time in fp32
+        w = np.asarray(table[start : start + 8192], dtype=np.float32)
+        q, s, dequantized = _block_quantize(w, bits, block_size)
+        data.append(q)
+        scales.append(s)
+        accuracy.add({"table": w}, {"table": dequantized})
+    inits = [
+        numpy_helper.from_array(np.concatenate(data), "table.q"),
+        numpy_helper.from_array(np.concatenate(scales), "table.scales"),
+    ]
+    nodes = [
+        helper.make_node(
+            "GatherBlockQuantized",
+            ["table.q", "input_ids", "table.scales"],
+            ["embeds.fp16"],
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=block_size,
+            bits=bits,
+        ),
+        helper.make_node("Cast", ["embeds.fp16"], ["inputs_embeds"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        f"embed_{precision}",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [
+            helper.make_tensor_value_info(
+                "inputs_embeds", TensorProto.FLOAT, ["batch", "seq", hidden]
+            )
+        ],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    return onnx_io.save(model, out), accuracy.result()
+
+
+def _embedding_table(source: Path) -> np.ndarray:
+    """The table of an ``embed`` graph (its one Gather's data), memory-mapped when external."""
+    from onnx import helper, numpy_helper
+
+    model = onnx_io.load(source, external_data=False)
+    gather = next((n for n in model.graph.node if n.op_type == "Gather"), None)
+    init = next((i for i in model.graph.initializer if gather and i.name == gather.input[0]), None)
+    if init is None:
+        raise CalibrationError(f"{source.name}: no Gather over a constant table to quantize")
+    where = {e.key: e.value for e in init.external_data}
+    if "location" not in where:
+        return numpy_helper.to_array(init)
+    return np.memmap(
+        Path(source).parent / where["location"],
+        dtype=helper.tensor_dtype_to_np_dtype(init.data_type),
+        mode="r",
+        offset=int(where.get("offset", 0)),
+        shape=tuple(init.dims),
+    )
+
+
+def _block_quantize(w: np.ndarray, bits: int, block: int):
+    """Rows of ``w`` in symmetric blocks: (unsigned codes, packed two per byte for 4 bits;
+    fp16 scales; the rows as they dequantize)."""
+    rows, hidden = w.shape
+    blocks = w.reshape(rows, hidden // block, block)
+    top = 2 ** (bits - 1) - 1  # 7 or 127; the zero point is top + 1
+    scale = (np.abs(blocks).max(axis=-1) / top).astype(np.float16)
+    safe = np.where(scale > 0, scale, np.float16(1)).astype(np.float32)
+    codes = np.clip(np.rint(blocks / safe[..., None]), -top - 1, top)
+    dequantized = (codes * safe[..., None]).reshape(rows, hidden)
+    codes = (codes + top + 1).astype(np.uint8).reshape(rows, hidden)
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return codes, scale, dequantized

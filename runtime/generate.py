@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from runtime.backends.base import np_dtype
 from runtime.errors import FilaError, ParameterError
 from runtime.kv_cache import KVCache, SharedKVCache
 
@@ -143,14 +144,16 @@ class Decoder:
         num_layers, kv_heads, head_dim = shape.num_layers, shape.kv_heads, shape.head_dim
         self.runner = runner
         self.on_device = hasattr(runner, "run_step")
-        self.shared = "seqlens_k" in {meta.name for meta in getattr(runner, "inputs", ())}
+        inputs = {meta.name: meta for meta in getattr(runner, "inputs", ())}
+        self.shared = "seqlens_k" in inputs
+        cache_dtype = np_dtype(inputs["past.0.key"].dtype) if "past.0.key" in inputs else np.float32
         if self.on_device:
             runner.ensure_cache(num_layers, max_len, (batch, kv_heads, head_dim))
             self.cache = None
         elif self.shared:
-            self.cache = SharedKVCache(num_layers, batch, kv_heads, head_dim, max_len)
+            self.cache = SharedKVCache(num_layers, batch, kv_heads, head_dim, max_len, cache_dtype)
         else:
-            self.cache = KVCache(num_layers, batch, kv_heads, head_dim, max_len)
+            self.cache = KVCache(num_layers, batch, kv_heads, head_dim, max_len, cache_dtype)
         self.length = 0
         self.mask = np.zeros((batch, max_len), dtype=np.int64)
         self.next_position = np.zeros(batch, dtype=np.int64)

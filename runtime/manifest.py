@@ -120,7 +120,13 @@ class Manifest:
             )
         return self.stages[name]
 
-    def variant(self, name: str, precision: str = "fp32") -> dict:
+    @property
+    def base(self) -> str:
+        """The precision the export traced its graphs in (fp32, or fp16 for ``--dtype fp16``)."""
+        return self.data.get("dtype", "fp32")
+
+    def variant(self, name: str, precision: str | None = None) -> dict:
+        precision = precision or self.base
         variants = self.stage(name)["variants"]
         if precision not in variants:
             raise ManifestError(
@@ -129,8 +135,21 @@ class Manifest:
             )
         return variants[precision]
 
-    def stage_path(self, name: str, precision: str = "fp32") -> Path:
-        """The graph of one variant, hash-checked (with its external data) on first use."""
+    def variants_for(self, name: str, backend: str | None = None) -> list[str]:
+        """The stage's variants, those a backend can run when it is named (a variant may be
+        narrower than its stage: a ``GatherBlockQuantized`` embedding is ONNX Runtime's)."""
+        entry = self.stage(name)
+        default = entry.get("backends", ["onnxruntime", "tensorrt"])
+        return [
+            v
+            for v, info in entry["variants"].items()
+            if backend is None or backend in info.get("backends", default)
+        ]
+
+    def stage_path(self, name: str, precision: str | None = None) -> Path:
+        """The graph of one variant (default: the base precision), hash-checked with its external
+        data on first use."""
+        precision = precision or self.base
         variant = self.variant(name, precision)
         label = f"stage {name} ({precision})"
         if "external_data" in variant:

@@ -35,14 +35,19 @@ def data_path(path: Path) -> Path:
 
 
 def save(model, path: Path) -> list[Path]:
-    """Write ``model``: one file, or the graph plus ``<name>.data`` when its weights are large.
-    Returns the files written (the graph first)."""
+    """Write ``model``: one file, or the graph plus ``<name>.data`` when its weights are large; a
+    graph whose weights already live in a file keeps pointing there. Returns the files the graph
+    needs (the graph first)."""
     import onnx
 
     path = Path(path)
+    referenced = external_files(model)
+    if referenced:
+        onnx.save(model, str(path))
+        return [path, *(path.parent / name for name in referenced)]
     data = data_path(path)
     data.unlink(missing_ok=True)
-    if _uses_external_data(model) or model.ByteSize() > EXTERNAL_DATA_ABOVE:
+    if model.ByteSize() > EXTERNAL_DATA_ABOVE:
         onnx.save(
             model,
             str(path),
@@ -56,10 +61,17 @@ def save(model, path: Path) -> list[Path]:
     return [path]
 
 
-def _uses_external_data(model) -> bool:
+def external_files(model) -> list[str]:
+    """The external-data files a graph's initializers point into (relative names)."""
     from onnx.external_data_helper import uses_external_data
 
-    return any(uses_external_data(t) for t in model.graph.initializer)
+    names = []
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor) and not tensor.HasField("raw_data"):
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            if location not in names:
+                names.append(location)
+    return names
 
 
 def load(path: Path, external_data: bool = True):
@@ -78,24 +90,32 @@ def check(path: Path) -> None:
     inferred.unlink()
 
 
-def file_bytes(path: Path) -> int:
-    """Bytes of a graph on disk, its external data included."""
-    path, data = Path(path), data_path(path)
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+def graph_bytes(path: Path) -> int:
+    """Bytes a graph loads: its file and the external data it points to (its share of a weight
+    file several graphs read, not the whole file)."""
+    return Path(path).stat().st_size + _external_bytes(load(path, external_data=False))
 
 
 def initializer_bytes(path: Path) -> int:
     """Bytes of a graph's weights (what a decode step must read), external data included."""
     import onnx
 
-    total = 0
-    for init in load(path, external_data=False).graph.initializer:
-        ext = {e.key: e.value for e in init.external_data}
-        if "length" in ext:
-            total += int(ext["length"])
-        else:
-            total += len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
-    return total
+    model = load(path, external_data=False)
+    inline = sum(
+        len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
+        for init in model.graph.initializer
+        if not any(e.key == "length" for e in init.external_data)
+    )
+    return inline + _external_bytes(model)
+
+
+def _external_bytes(model) -> int:
+    return sum(
+        int(e.value)
+        for init in model.graph.initializer
+        for e in init.external_data
+        if e.key == "length"
+    )
 
 
 # --- sessions -----------------------------------------------------------------------------------
@@ -130,8 +150,11 @@ def session(
     providers: Sequence[str] | None = None,
     level: str = "all",
     optimized_cache: Path | None = None,
+    prepack: bool = True,
 ):
-    """An ``InferenceSession`` for a graph path, a ``ModelProto`` or serialized bytes."""
+    """An ``InferenceSession`` for a graph path, a ``ModelProto`` or serialized bytes.
+    ``prepack=False`` keeps MatMul weights as they are in memory (memory-mapped external data)
+    instead of a second, repacked copy."""
     import onnxruntime as ort
 
     if level not in LEVELS:
@@ -140,6 +163,8 @@ def session(
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     if optimized_cache is not None:
         optimized_cache.parent.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,10 @@ from runtime.errors import ContextOverflowError, FilaError
 from runtime.generate import Decoder, DecoderShape, SamplingParams, check_max_new_tokens, generate
 from runtime.image_io import load_image
 from runtime.manifest import Manifest
+from runtime.memory import peak_rss_bytes
 from runtime.preprocess import PreprocessedImage, preprocess
 from runtime.prompt import PromptBuilder
-from runtime.variants import PrecisionSpec, choose_decoder, stage_variants
+from runtime.variants import PrecisionSpec, choose_decoder, precision_spec
 from runtime.vision import VisionEncoder, pack
 
 VISION_MODES = ("fused", "modular")
@@ -35,6 +36,7 @@ class GenerationResult:
     prompt_token_ids: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     backend: str = "onnxruntime"
+    peak_rss_mb: float = 0.0  # the process's peak resident memory so far (what fila plan predicts)
 
     def to_dict(self) -> dict:
         return {
@@ -43,6 +45,7 @@ class GenerationResult:
             "prompt_token_ids": self.prompt_token_ids,
             "timings": self.timings,
             "backend": self.backend,
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
         }
 
 
@@ -50,17 +53,16 @@ def load_runners(
     manifest: Manifest,
     names: Sequence[str],
     backend: str,
-    precision: str | PrecisionSpec,
+    precision: str | PrecisionSpec | None,
     **options,
 ) -> dict:
     """One runner per named stage, at the variant ``precision`` picks for it (a warning for a
     variant that missed its accuracy gate). The pipeline loads its stages with it; a benchmark
     loads just the stages it times (without a second copy of the decoder)."""
-    spec = PrecisionSpec.parse(precision) if isinstance(precision, str) else precision
-    spec.check(stage_variants(manifest))
+    spec = precision_spec(manifest, precision)
     runners = {}
     for name in names:
-        variant = spec.variant(name, list(manifest.stage(name)["variants"]))
+        variant = spec.variant(name, manifest.variants_for(name, backend))
         if manifest.variant(name, variant).get("validated") is False:
             warnings.warn(f"stage {name} ({variant}) did not meet its accuracy gate", stacklevel=3)
         runners[name] = load_runner(backend, manifest, name, variant, **options)
@@ -102,7 +104,7 @@ class FilaPipeline:
         cls,
         folder: str | Path,
         backend: str = "onnxruntime",
-        precision: str = "fp32",
+        precision: str | None = None,
         vision: str = "fused",
         decoder: str = "auto",
         **options,
@@ -222,7 +224,9 @@ class FilaPipeline:
             "decode_s": out.decode_s,
             "decode_tokens_per_s": out.decode_tokens_per_s,
         }
-        return GenerationResult(out.texts[0], out.token_ids[0], prompt_ids, timings, self.backend)
+        result = GenerationResult(out.texts[0], out.token_ids[0], prompt_ids, timings, self.backend)
+        result.peak_rss_mb = peak_rss_bytes() / 2**20
+        return result
 
     def close(self) -> None:
         """Release every runner (sessions, engines, device buffers and caches)."""

@@ -38,11 +38,13 @@ class PrecisionSpec:
     defaults: list[str] = field(default_factory=list)
     named: dict[str, str] = field(default_factory=dict)  # stage or group -> variant
     text: str = "fp32"
+    base: str = "fp32"  # what a stage runs when the spec picks none of its variants
 
     @classmethod
-    def parse(cls, text: str) -> PrecisionSpec:
-        spec = cls(text=text)
-        for item in (part.strip() for part in text.split(",")):
+    def parse(cls, text: str | None, base: str = "fp32") -> PrecisionSpec:
+        """Read a spec; ``None`` or empty means the export's base precision everywhere."""
+        spec = cls(text=text or base, base=base)
+        for item in (part.strip() for part in (text or "").split(",")):
             if not item:
                 continue
             key, eq, value = item.partition("=")
@@ -88,22 +90,29 @@ class PrecisionSpec:
                 return wanted
             warnings.warn(
                 f"stage {stage} has no {wanted} variant (it has {', '.join(variants)}); "
-                "running it in fp32",
+                f"running it in {self.base}",
                 stacklevel=3,
             )
-            return "fp32"
-        return next((p for p in self.defaults if p in variants), "fp32")
+            return self.base
+        return next((p for p in self.defaults if p in variants), self.base)
 
 
 def stage_variants(manifest) -> dict[str, list[str]]:
     return {name: list(entry["variants"]) for name, entry in manifest.stages.items()}
 
 
-def choose_variant(manifest, spec: str | PrecisionSpec, stage: str) -> str:
+def precision_spec(manifest, spec: str | PrecisionSpec | None) -> PrecisionSpec:
+    """``spec`` read against this export: its base precision (fp32, or fp16 for a ``--dtype fp16``
+    export) fills in, and names that match nothing are refused."""
+    if not isinstance(spec, PrecisionSpec):
+        spec = PrecisionSpec.parse(spec, manifest.data.get("dtype", "fp32"))
+    spec.check(stage_variants(manifest))
+    return spec
+
+
+def choose_variant(manifest, spec: str | PrecisionSpec | None, stage: str) -> str:
     """The variant of ``stage`` that ``spec`` picks in this export (spec checked first)."""
-    parsed = PrecisionSpec.parse(spec) if isinstance(spec, str) else spec
-    parsed.check(stage_variants(manifest))
-    return parsed.variant(stage, list(manifest.stage(stage)["variants"]))
+    return precision_spec(manifest, spec).variant(stage, manifest.variants_for(stage))
 
 
 def decoder_stages(manifest) -> list[str]:

@@ -261,13 +261,25 @@ def test_every_vision_stage_meets_the_gate_and_is_in_the_manifest(calibrated):
     assert (folder / "calibration_report.json").is_file()
 
 
+def matmul_weight_bytes(path) -> int:
+    """Bytes of the weights (and their scales) the graph's MatMuls read."""
+    model = onnx.load(str(path))
+    sizes = {i.name: numpy_helper.to_array(i).nbytes for i in model.graph.initializer}
+    return sum(
+        sizes.get(name, 0)
+        for node in model.graph.node
+        if node.op_type in ("MatMul", "MatMulNBits")
+        for name in node.input[1:]
+    )
+
+
 def test_w4_decoder_is_smaller_and_runs_through_the_pipeline(calibrated):
     folder, report = calibrated
     manifest = Manifest.load(folder)
-    fp32 = (folder / "decoder_gqa.onnx").stat().st_size
-    w4 = (folder / manifest.variant("decoder_gqa", "w4")["file"]).stat().st_size
-    w8 = (folder / manifest.variant("decoder_gqa", "w8")["file"]).stat().st_size
-    assert w4 < w8 < fp32 and w4 * 3 < fp32
+    fp32, w4, w8 = (
+        matmul_weight_bytes(manifest.stage_path("decoder_gqa", p)) for p in ("fp32", "w4", "w8")
+    )
+    assert w4 < w8 < fp32 and w4 * 4 < fp32  # the MatMul weights; tiny's rotary tables aside
     ops = {n.op_type for n in onnx.load(folder / "decoder_gqa.w4.onnx").graph.node}
     assert "MatMulNBits" in ops
     assert manifest.variant("decoder_gqa", "w4")["validated"] is True
@@ -466,3 +478,25 @@ def test_graph_outputs_and_fp32_consumers_keep_float_tensors(tmp_path):
     assert producer[mm2.input[0]].op_type == "DequantizeLinear"
     assert quantized_nodes(q) == {"mm1", "mm2"}
     onnx.checker.check_model(q)
+
+
+def test_embedding_variants_are_block_quantized_gathers_for_onnxruntime(calibrated):
+    """``embed`` w8/w4: GatherBlockQuantized (ONNX Runtime only), chosen by the precision spec,
+    with the table's accuracy recorded; TensorRT keeps the float embedding."""
+    folder, report = calibrated
+    manifest = Manifest.load(folder)
+    for precision, bound in (("w8", 0.05), ("w4", 0.2)):
+        entry = manifest.variant("embed", precision)
+        assert entry["backends"] == ["onnxruntime"] and entry["validated"]
+        assert 0 < entry["accuracy"]["rel_l2"] <= bound
+        graph = onnx.load(folder / entry["file"])
+        assert [n.op_type for n in graph.graph.node][0] == "GatherBlockQuantized"
+    assert manifest.variants_for("embed", "tensorrt") == ["fp32", "fp16"]
+    pipe = FilaPipeline.from_artifacts(folder, precision="w4")
+    assert pipe.runners["embed"].session._model_path.endswith("embed.w4.onnx")
+    ids = np.array([[5, 6, 7]], np.int64)
+    base = FilaPipeline.from_artifacts(folder).embed(ids)
+    rel = np.linalg.norm(pipe.embed(ids) - base) / np.linalg.norm(base)
+    assert 0 < rel < 0.2
+    rows = {(r.stage, r.precision) for r in report.decoder}
+    assert {("embed", "w8"), ("embed", "w4")} <= rows

@@ -12,7 +12,7 @@ from fila_export.model.fila import FilaForConditionalGeneration
 from runtime.errors import ConfigError
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "small", "edge", "paper"])
 def test_json_round_trips(name):
     config = preset(name)
     assert FilaConfig.from_json(config.to_json()) == config
@@ -33,6 +33,10 @@ def test_preset_sizes():
     assert paper.vision["hidden_size"] == 1024 and paper.vision["num_hidden_layers"] == 24
     assert paper.convnext.dims == [192, 384, 768, 1536]
     assert 6.5e9 < _param_count(paper) < 8e9
+    edge = preset("edge")
+    assert edge.text["model_type"] == "qwen2" and edge.convnext.dims == [128, 256, 512, 1024]
+    assert edge.text["tie_word_embeddings"] and edge.vocab_size == 151936
+    assert 1.9e9 < _param_count(edge) < 2.3e9
 
 
 def test_unknown_preset():

@@ -36,7 +36,9 @@ def add_parsers(sub) -> None:
         default=4,
         help="MatMulNBits accuracy_level: 4 = int8 activations (fast on CPU), 0 = fp32",
     )
-    p.add_argument("--stages", nargs="+", help="only these vision stages (default: all)")
+    p.add_argument(
+        "--stages", nargs="+", help="only these vision stages (default: all; none: the LLM only)"
+    )
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens compared per image")
     p.add_argument("--e2e-images", type=int, default=3, help="held-out images for greedy agreement")
     p.add_argument(

@@ -23,7 +23,7 @@ def joined(values: list[str] | None) -> list[str]:
 def add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", required=True, help="folder written by fila export")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
+    p.add_argument("--precision", help=PRECISION_HELP + " (default: the export's base precision)")
     p.add_argument("--providers", help="onnxruntime providers, e.g. cuda,cpu (default: cpu)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.add_argument(

@@ -12,10 +12,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument(
-        "--precision",
+        "--dtype",
         choices=["fp32", "fp16"],
         default="fp32",
-        help="fp16 also writes strongly typed fp16 variants",
+        help="the precision the graphs are traced in, from weights read at it (fp16: a 2-8 B "
+        "model's export holds fp16 weights only)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        help="with --dtype fp32: fp16 also writes strongly typed fp16 variants",
     )
     p.add_argument("--stages", nargs="+", help="only these stages (default: all)")
     p.add_argument("--max-context", type=int, help="decoder context (default: model's, <= 4096)")
@@ -26,7 +32,7 @@ def add_parsers(sub) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from fila_export.export.exporter import export_artifacts
 
-    precisions = ["fp32"] + (["fp16"] if args.precision == "fp16" else [])
+    precisions = list(dict.fromkeys([args.dtype, args.precision or args.dtype]))
     manifest = export_artifacts(
         args.checkpoint,
         args.out,
@@ -35,7 +41,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         force=args.force,
         max_context=args.max_context,
     )
-    total = sum(s["export_seconds"] for s in manifest.stages.values())
+    total = sum(
+        v["export_seconds"] for s in manifest.stages.values() for v in s["variants"].values()
+    )
     print(
         f"exported {len(manifest.stages)} stage(s) ({', '.join(precisions)}) to {args.out} "
         f"in {total:.1f} s"

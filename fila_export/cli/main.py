@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fila_export.cli import bench, calibrate, export, model, run, tensorrt, validate, verify
+from fila_export.cli import bench, calibrate, export, model, plan, run, tensorrt, validate, verify
 from runtime.errors import FilaError
 
-VERBS = (model, export, validate, calibrate, tensorrt, run, bench, verify)
+VERBS = (model, export, validate, calibrate, tensorrt, run, bench, plan, verify)
 # a module a verb needs -> the extra that installs it
 EXTRAS = {
     "torch": "export",
@@ -17,7 +17,6 @@ EXTRAS = {
     "transformers": "export",
     "timm": "export",
     "onnxscript": "export",
-    "onnxslim": "export",
     "safetensors": "export",
     "onnx": "export",
     "onnxruntime": "runtime",

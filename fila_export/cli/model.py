@@ -10,7 +10,13 @@ from fila_export.cli.common import add_sampling, sampling
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("init", help="create a deterministic random checkpoint from a preset")
-    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "small", "edge", "paper"], default="tiny")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="weight dtype of the checkpoint (written tensor by tensor into <= 2 GB shards)",
+    )
     p.add_argument("--out", required=True, help="checkpoint folder to create")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing folder")
@@ -31,8 +37,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from fila_export.model.checkpoint import init_checkpoint
 
     ensure_new_folder(args.out, args.force)
-    path = init_checkpoint(args.preset, args.out, seed=args.seed)
-    print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {path}")
+    path = init_checkpoint(args.preset, args.out, seed=args.seed, dtype=args.dtype)
+    print(f"wrote {args.preset} checkpoint ({args.dtype}, seed {args.seed}) to {path}")
     return 0
 
 

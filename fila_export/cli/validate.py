@@ -16,7 +16,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--images", help="folder of real images (default: the demo's photos)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
+    p.add_argument("--precision", help=PRECISION_HELP + " (default: the export's base)")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens compared per image")
     p.add_argument("--max-images", type=int, default=3)
     p.add_argument("--json", help="also write the report as JSON here")

@@ -1,13 +1,15 @@
 """Stage-by-stage ONNX export into an artifact folder with a manifest.
 
-Each stage is traced with ``torch.onnx.export(dynamo=True)`` from its spec, checked, simplified
-with onnxslim (outputs compared before and after against PyTorch), and optionally converted to a
-strongly typed fp16 variant. The folder is written under a temporary name and renamed at the end,
-so a failed or interrupted export leaves nothing half-written.
+Each stage is traced and checked on its own (``stage_export``), with memory bounded by that stage's
+weights; every precision's weights go once into one shared file. ``dtype`` is the precision the
+graphs are traced in (fp32, or fp16 straight from fp16 weights); ``--precision fp16`` on an fp32
+export adds fp16 graphs traced the same way. The folder is written under a temporary name and
+renamed at the end, so a failed or interrupted export leaves nothing half-written.
 """
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 import time
@@ -15,113 +17,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from fila_export.export.gqa_decoder import onnx_translation
-from fila_export.export.graph_edits import rename_axes, to_fp16
-from fila_export.export.modules import dynamic_shapes, export_values, sample_inputs, stage_module
+from fila_export.export.modules import stage_module
+from fila_export.export.stage_export import OPSET, export_stage
 from fila_export.export.stages import stage_specs, vision_chain
+from fila_export.export.weight_file import WeightFile
 from fila_export.folders import OutputError, ensure_new_folder
-from fila_export.model.checkpoint import load_checkpoint
+from fila_export.model.checkpoint import open_model
 from fila_export.model.config import preprocess_config
-from runtime import onnx_io
-from runtime.compare import rel_l2, tolerance
+from fila_export.model.weights import parameter_keys, torch_dtype
 from runtime.errors import CheckpointError, ExportError
 from runtime.manifest import FORMAT, Manifest, file_entry
 from runtime.prompt import PromptBuilder
 from runtime.spec import StageSpec
 
 TOOLKIT_VERSION = "0.1.0"
-OPSET = 18
-SLIM_TOLERANCE = 1e-5  # relative L2 between the graph before and after onnxslim
-
-
-def torch_outputs(module: torch.nn.Module, inputs: tuple) -> list[np.ndarray]:
-    with torch.no_grad():
-        out = module(*inputs)
-    out = out if isinstance(out, tuple) else (out,)
-    return [o.numpy() for o in out]
-
-
-def export_stage(model, spec: StageSpec, path: Path, slim: bool = True) -> list[Path]:
-    """Export one stage to ``path``; returns the files written (graph [+ external data])."""
-    import onnxslim
-
-    wrapper = stage_module(model, spec.name)
-    inputs = sample_inputs(spec, export_values(spec))
-    names_in = [t.name for t in spec.inputs]
-    names_out = [t.name for t in spec.outputs]
-    with torch.no_grad(), _quiet():
-        program = torch.onnx.export(
-            wrapper,
-            inputs,
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes(spec),
-            input_names=names_in,
-            output_names=names_out,
-            opset_version=OPSET,
-            verbose=False,
-            custom_translation_table=onnx_translation(),
-        )
-    model_proto = program.model_proto
-    axes = {t.name: list(t.shape) for t in [*spec.inputs, *spec.outputs]}
-    rename_axes(model_proto, axes)
-    files = onnx_io.save(model_proto, path)
-    onnx_io.check(path)
-    feeds = dict(zip(names_in, (i.numpy() for i in inputs), strict=True))
-    expected = torch_outputs(wrapper, inputs)
-    before = run_graph(path, feeds)
-    _compare(spec.name, "export", expected, before, tolerance("fp32"))
-    if slim:
-        slimmed = onnxslim.slim(onnx_io.load(path))
-        rename_axes(slimmed, axes)
-        files = onnx_io.save(slimmed, path)
-        onnx_io.check(path)
-        _compare(spec.name, "onnxslim", before, run_graph(path, feeds), SLIM_TOLERANCE)
-    return files
-
-
-def run_graph(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The graph's outputs on ONNX Runtime's CPU provider (the parity checks' other side)."""
-    session = onnx_io.session(path)
-    names = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feeds.items() if k in names})
-
-
-def export_fp16(src: Path, dst: Path) -> list[Path]:
-    return onnx_io.save(to_fp16(onnx_io.load(src)), dst)
-
-
-def _compare(stage: str, step: str, want: list, got: list, tol: float) -> None:
-    for i, (a, b) in enumerate(zip(want, got, strict=True)):
-        if a.shape != b.shape:
-            raise ExportError(
-                f"{stage}: after {step}, output {i} has shape {b.shape}, expected {a.shape}"
-            )
-        err = rel_l2(a, b)
-        if not err <= tol:
-            raise ExportError(
-                f"{stage}: after {step}, output {i} differs from the reference by {err:.2e} relative "
-                f"L2 (tolerance {tol:.0e}); report this with the checkpoint config"
-            )
-
-
-class _quiet:
-    """torch.onnx prints progress lines; keep our own progress bar readable."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-        import warnings
-
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        self._stack.enter_context(warnings.catch_warnings())
-        warnings.simplefilter("ignore")
-        return self
-
-    def __exit__(self, *exc):
-        return self._stack.__exit__(*exc)
+PRECISIONS = ("fp32", "fp16")
 
 
 def select_stages(all_names: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
@@ -144,28 +55,35 @@ def export_artifacts(
     max_context: int | None = None,
     progress: bool = True,
 ) -> Manifest:
-    """Export every (or the chosen) stage of a checkpoint into ``out`` and write its manifest."""
+    """Export every (or the chosen) stage of a checkpoint into ``out`` at each precision (the
+    first is the export's base) and write its manifest."""
     from tqdm import tqdm
 
-    out = Path(out)
-    checkpoint = Path(checkpoint)
+    out, checkpoint = Path(out), Path(checkpoint)
     if not checkpoint.is_dir():
         raise CheckpointError(f"checkpoint folder {checkpoint} does not exist")
-    bad = [p for p in precisions if p not in ("fp32", "fp16")]
-    if bad:
-        raise ExportError(f"unknown precision(s) {bad}; export writes fp32 and fp16")
-    model, config = load_checkpoint(checkpoint)
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise ExportError(f"unknown precision(s) {bad}; export writes {' and '.join(PRECISIONS)}")
+    model, config, store = open_model(checkpoint)
     specs = stage_specs(config, max_context=max_context)
     names = select_stages(list(specs), stages)
+    budget = parity_budget(model, names, store, precisions)
     if not force:
         ensure_new_folder(out, force=False)
     tmp = _scratch_folder(out)
     try:
-        data = _manifest_skeleton(model, config, checkpoint, tmp)
-        bar = tqdm(names, desc="export", unit="stage", disable=not progress)
-        for name in bar:
-            bar.set_postfix_str(name)
-            data["stages"][name] = _export_variants(model, specs[name], tmp, precisions)
+        data = _manifest_skeleton(config, checkpoint, store, tmp, precisions[0])
+        for precision in precisions:
+            weights = WeightFile(tmp, precision)
+            bar = tqdm(names, desc=f"export {precision}", unit="stage", disable=not progress)
+            for name in bar:
+                bar.set_postfix_str(name)
+                entry = data["stages"].setdefault(name, specs[name].to_dict() | {"variants": {}})
+                entry["variants"][precision] = _export_variant(
+                    model, specs[name], store, tmp, weights, precision, budget
+                )
+        _record_weight_files(data, tmp)
         Manifest(tmp, data).save()
         if out.exists():
             ensure_new_folder(out, force=True)
@@ -175,6 +93,21 @@ def export_artifacts(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Manifest.load(out)
+
+
+PROCESS_BYTES = 1e9  # torch, the exporter and the checkpoint index, measured with the tiny model
+
+
+def parity_budget(model, names, store, precisions) -> float:
+    """Bytes a stage's parity session may use: the export's bound (1.5x its largest stage's
+    weights, plus 2 GB) less what the process holds anyway."""
+    keys = parameter_keys(model)
+    largest = 0
+    for name in names:
+        stage = {keys[id(p)] for p in stage_module(model, name).parameters()}
+        for precision in precisions:
+            largest = max(largest, store.nbytes(stage, torch_dtype(precision)))
+    return 1.5 * largest + 2e9 - PROCESS_BYTES
 
 
 def _scratch_folder(out: Path) -> Path:
@@ -188,27 +121,35 @@ def _scratch_folder(out: Path) -> Path:
         ) from exc
 
 
-def _export_variants(model, spec: StageSpec, folder: Path, precisions: Sequence[str]) -> dict:
-    """One stage's fp32 graph (and fp16 from it): its manifest entry."""
+def _export_variant(model, spec: StageSpec, store, folder, weights: WeightFile, precision, budget):
+    """One stage at one precision: its graph's manifest entry (the weight file is recorded once
+    every stage has written into it)."""
     t0 = time.perf_counter()
-    fp32 = folder / f"{spec.name}.onnx"
-    entry = spec.to_dict() | {"variants": {}}
-    entry["variants"]["fp32"] = _variant(folder, export_stage(model, spec, fp32), "fp32")
-    if "fp16" in precisions:
-        fp16 = export_fp16(fp32, folder / f"{spec.name}.fp16.onnx")
-        entry["variants"]["fp16"] = _variant(folder, fp16, "fp16")
+    dtype = torch_dtype(precision)
+    model._apply(lambda t: t.to(dtype) if t.is_meta else t)  # parameters only; buffers stay
+    path = folder / (
+        f"{spec.name}.onnx" if precision == "fp32" else f"{spec.name}.{precision}.onnx"
+    )
+    parity = export_stage(model, spec, store, path, weights, dtype, budget)
+    gc.collect()
+    entry = file_entry(folder, path, precision=precision, parity=parity)
+    entry["external_data"] = {"file": weights.path.name}
     entry["export_seconds"] = round(time.perf_counter() - t0, 2)
     return entry
 
 
-def _variant(folder: Path, files: list[Path], precision: str) -> dict:
-    entry = file_entry(folder, files[0], precision=precision)
-    if len(files) > 1:
-        entry["external_data"] = file_entry(folder, files[1])
-    return entry
+def _record_weight_files(data: dict, folder: Path) -> None:
+    """Hash each shared weight file once and put its entry into every variant that reads it."""
+    entries = {}
+    for stage in data["stages"].values():
+        for variant in stage["variants"].values():
+            name = variant["external_data"]["file"]
+            if name not in entries:
+                entries[name] = file_entry(folder, folder / name)
+            variant["external_data"] = entries[name]
 
 
-def _manifest_skeleton(model, config, checkpoint: Path, folder: Path) -> dict:
+def _manifest_skeleton(config, checkpoint: Path, store, folder: Path, dtype: str) -> dict:
     """Everything but the stages: model config, preprocessing, the tokenizer files (the one source
     of the chat template, EOS and image token), the newline vector."""
     files = {}
@@ -224,7 +165,7 @@ def _manifest_skeleton(model, config, checkpoint: Path, folder: Path) -> dict:
             f"{checkpoint}: the tokenizer's image token has id {image_token}, config.json's "
             f"image_token_index is {config.image_token_index}; make them agree"
         )
-    newline = model.image_newline.detach().float().numpy()
+    newline = store.get("image_newline").float().numpy()
     np.save(folder / "image_newline.npy", newline, allow_pickle=False)
     files["image_newline"] = file_entry(folder, folder / "image_newline.npy")
     return {
@@ -232,6 +173,7 @@ def _manifest_skeleton(model, config, checkpoint: Path, folder: Path) -> dict:
         "toolkit": TOOLKIT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "opset": OPSET,
+        "dtype": dtype,
         "model": config.to_dict(),
         "preprocess": preprocess_config(config).to_dict(),
         "tokenizer": "tokenizer.json",

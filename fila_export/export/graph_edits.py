@@ -1,29 +1,18 @@
-"""Edits the exporter makes to a traced graph: axis names from the stage spec, and the strongly
-typed fp16 variant."""
+"""Edits the exporter makes to a traced graph: axis names from the stage spec, and (fp16 graphs)
+normalisation and softmax kept in fp32, as strongly typed TensorRT builds need them."""
 
 from __future__ import annotations
 
-# Ops kept in fp32 in the fp16 graph: normalisations (LayerNorm, and RMSNorm's decomposition),
-# Softmax, and every Add (residual and bias accumulations).
-FP32_OPS = [
+# Kept in fp32 inside fp16 graphs: an fp16 LayerNorm or Softmax loses the precision its sums need
+# (``fila check-trt``'s fp32-norm rule looks for the same ops). transformers' RMSNorm computes in
+# fp32 by itself; the residual Adds stay in the graph's dtype (as an fp16 TensorRT build runs).
+NORM_OPS = (
     "LayerNormalization",
     "SimplifiedLayerNormalization",
     "RMSNormalization",
     "Softmax",
     "ReduceMean",
-    "Pow",
-    "Sqrt",
-    "Reciprocal",
-    "Div",
-    "Add",
-    "Sub",
-    "Exp",
-    "Erf",
-    "Range",
-    "CumSum",
-    "Cos",
-    "Sin",
-]
+)
 
 
 def rename_axes(model, names: dict[str, list]) -> None:
@@ -38,9 +27,43 @@ def rename_axes(model, names: dict[str, list]) -> None:
                 dim.dim_param = entry
 
 
-def to_fp16(model):
-    """Strongly typed fp16 graph: explicit casts, fp16 matmuls/convs, fp32 where precision matters;
-    inputs and outputs keep their fp32 types. TensorRT 10 and 11 build it without precision flags."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+def norms_in_fp32(model) -> int:
+    """Run every fp16 normalisation and softmax in fp32: Cast its fp16 inputs up and its outputs
+    back down. Returns how many nodes were changed."""
+    import onnx
+    from onnx import TensorProto, helper
 
-    return convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
+    types = _tensor_types(onnx.shape_inference.infer_shapes(model, strict_mode=False))
+    nodes, changed = [], 0
+    for node in model.graph.node:
+        low = node.op_type in NORM_OPS and any(
+            types.get(name) == TensorProto.FLOAT16 for name in node.input if name
+        )
+        if not low:
+            nodes.append(node)
+            continue
+        changed += 1
+        for i, name in enumerate(node.input):
+            if name and types.get(name) == TensorProto.FLOAT16:
+                up = f"{name}.fp32.{node.name or changed}"
+                nodes.append(helper.make_node("Cast", [name], [up], to=TensorProto.FLOAT))
+                node.input[i] = up
+        downs = []
+        for i, name in enumerate(node.output):
+            if name and types.get(name) == TensorProto.FLOAT16:
+                node.output[i] = f"{name}.fp32"
+                downs.append(
+                    helper.make_node("Cast", [node.output[i]], [name], to=TensorProto.FLOAT16)
+                )
+        nodes += [node, *downs]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return changed
+
+
+def _tensor_types(model) -> dict[str, int]:
+    out = {t.name: t.data_type for t in model.graph.initializer}
+    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        if value.type.HasField("tensor_type"):
+            out[value.name] = value.type.tensor_type.elem_type
+    return out

@@ -54,15 +54,15 @@ class VisionStage(nn.Module):
     """The fused graph: tiles (+ global view) -> projected features, for deployment."""
 
     def __init__(self, model):
-        super().__init__()
-        self.model = model
+        super().__init__()  # the vision modules only: the stage's weights are the graph's
+        self.vision_tower, self.convnext, self.cvfm = model.vision_tower, model.convnext, model.cvfm
+        self.projector, self.config = model.multi_modal_projector, model.config
 
     def forward(self, pixel_values, global_view=None):
-        m = self.model
         feats = vision.encode(
-            m.vision_tower, m.convnext, m.cvfm, m.config, pixel_values, global_view
+            self.vision_tower, self.convnext, self.cvfm, self.config, pixel_values, global_view
         )
-        return m.multi_modal_projector(feats)
+        return self.projector(feats)
 
 
 class EmbedStage(nn.Module):
@@ -138,6 +138,36 @@ MODULES = {
 }
 
 
+def is_cache(name: str) -> bool:
+    """KV-cache tensors keep the graph's own dtype at its boundary (fp16 caches in fp16 graphs)."""
+    return name.startswith(("past.", "present."))
+
+
+class GraphIO(nn.Module):
+    """What is traced: a stage module at ``dtype`` behind fp32 inputs and outputs (images,
+    embeddings, logits stay fp32 at the boundary; the KV cache stays in ``dtype``), so every
+    graph of a stage has the same interface whatever its precision. Arguments come flat, in the
+    spec's input order."""
+
+    def __init__(self, inner: nn.Module, spec: StageSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.spec, self.dtype = inner, spec, dtype
+
+    def forward(self, *args):
+        names = self.spec.input_names()
+        args = [
+            a.to(self.dtype) if a.is_floating_point() and not is_cache(n) else a
+            for a, n in zip(args, names, strict=True)
+        ]
+        out = self.inner(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        out = [
+            o.float() if o.is_floating_point() and not is_cache(n) else o
+            for o, n in zip(out, self.spec.output_names(), strict=True)
+        ]
+        return tuple(out) if len(out) > 1 else out[0]
+
+
 class TorchStages:
     """The stage modules of one model run like runners, on ``name -> tensor`` dicts named by each
     stage's spec: ``stages(name, feeds) -> outputs``. Validation and the benchmark's PyTorch
@@ -160,8 +190,11 @@ class TorchStages:
 
 
 # --- inputs to trace with ----------------------------------------------------------------------
-def sample_inputs(spec: StageSpec, values: dict[str, int], seed: int = 0) -> tuple:
-    """Random inputs for a stage at the given axis values (ids and masks made valid)."""
+def sample_inputs(
+    spec: StageSpec, values: dict[str, int], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple:
+    """Random inputs for a stage at the given axis values (ids and masks made valid; the KV
+    cache in ``dtype``, the graph's own)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for t in spec.inputs:
@@ -178,7 +211,8 @@ def sample_inputs(spec: StageSpec, values: dict[str, int], seed: int = 0) -> tup
         elif t.name == "total_sequence_length":
             out.append(torch.tensor(values["total"], dtype=torch.int32))
         else:
-            out.append(torch.randn(shape, generator=gen))
+            value = torch.randn(shape, generator=gen)
+            out.append(value.to(dtype) if is_cache(t.name) else value)
     return tuple(out)
 
 
@@ -196,8 +230,8 @@ def export_values(spec: StageSpec) -> dict[str, int]:
 
 
 def dynamic_shapes(spec: StageSpec) -> tuple:
-    """torch.export dynamic shapes for a spec; the tile count is left for export to relate to the
-    grid (tiles = 1 + rows * cols is not a linear expression torch.export can state)."""
+    """torch.export dynamic shapes of a ``GraphIO``'s arguments; the tile count is left for export
+    to relate to the grid (tiles = 1 + rows * cols is not a linear expression it can state)."""
     from torch.export import Dim
 
     dims = {
@@ -218,8 +252,4 @@ def dynamic_shapes(spec: StageSpec) -> tuple:
                 shape[i] = dims[dim.axis] if dim.factor == 1 else dim.factor * dims[dim.axis]
         return shape
 
-    shapes = [one(t) for t in spec.inputs]
-    fixed = sum(1 for t in spec.inputs if not t.name.startswith("past."))
-    if fixed < len(shapes):  # a decoder's ``*past`` is one argument of the wrapper
-        return (*shapes[:fixed], tuple(shapes[fixed:]))
-    return tuple(shapes)
+    return (tuple(one(t) for t in spec.inputs),)  # ``GraphIO.forward(*args)``: one argument

@@ -15,6 +15,12 @@ import torch
 
 from fila_export.model.config import FilaConfig
 from fila_export.model.fila import FilaForConditionalGeneration
+from fila_export.model.weights import (
+    ShardWriter,
+    WeightStore,
+    params_on_meta,
+    torch_dtype,
+)
 from runtime.errors import CheckpointError, ConfigError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -79,19 +85,9 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights in {folder}{hint}")
 
 
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for path in weight_files(folder):
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
-        for key, value in tensors.items():
-            state[canonical_key(key)] = value
-    return state
+def open_weights(folder: Path) -> WeightStore:
+    """The checkpoint's tensors by canonical key, read one at a time when asked for."""
+    return WeightStore(weight_files(folder), canonical_key)
 
 
 def _listing(keys: Iterable[str], limit: int = 5) -> str:
@@ -100,12 +96,13 @@ def _listing(keys: Iterable[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_state_dict(model: FilaForConditionalGeneration, state: dict[str, torch.Tensor]) -> None:
-    """Refuse missing, unexpected or mis-shaped tensors, naming the keys."""
-    expected = model.state_dict()
+def check_weights(model: FilaForConditionalGeneration, shapes: dict[str, tuple]) -> None:
+    """Refuse missing, unexpected or mis-shaped tensors, naming the keys (``shapes``: the
+    checkpoint's key -> shape)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     optional = {"language_model.lm_head.weight"} if model.tied_embeddings else set()
-    missing = set(expected) - set(state) - optional
-    unexpected = {k for k in set(state) - set(expected) if not k.startswith(IGNORED_PREFIXES)}
+    missing = set(expected) - set(shapes) - optional
+    unexpected = {k for k in set(shapes) - set(expected) if not k.startswith(IGNORED_PREFIXES)}
     if missing:
         hint = ""
         fusion = {k for k in expected if k.startswith(("convnext.", "cvfm."))}
@@ -117,16 +114,17 @@ def check_state_dict(model: FilaForConditionalGeneration, state: dict[str, torch
         if any(k.startswith(("convnext.", "cvfm.")) for k in unexpected):
             hint = " (the weights have a ConvNeXt branch but config.json has no 'fila' block)"
         raise CheckpointError(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}{hint}")
-    for key, tensor in state.items():
-        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+    for key, shape in shapes.items():
+        if key in expected and tuple(shape) != expected[key]:
             raise CheckpointError(
-                f"shape mismatch for {key}: the config expects {tuple(expected[key].shape)}, "
-                f"the checkpoint has {tuple(tensor.shape)}"
+                f"shape mismatch for {key}: the config expects {expected[key]}, "
+                f"the checkpoint has {tuple(shape)}"
             )
 
 
-def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a checkpoint folder -> (model in eval mode, config)."""
+def open_model(folder: str | Path) -> tuple[FilaForConditionalGeneration, FilaConfig, WeightStore]:
+    """The checkpoint's model with its parameters on the meta device (no memory), its config and
+    its checked weight store: what the export needs to load one stage's weights at a time."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
@@ -136,28 +134,55 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32):
         raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({exc})") from exc
     except ConfigError as exc:
         raise CheckpointError(f"{folder}: {exc}") from exc
-    state = read_state_dict(folder)
-    model = FilaForConditionalGeneration(config)
-    check_state_dict(model, state)
-    state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
-    if model.tied_embeddings and _saved_head_differs(state):
+    store = open_weights(folder)
+    with params_on_meta():
+        model = FilaForConditionalGeneration(config)
+    check_weights(model, {key: store.shape(key) for key in store.keys()})
+    if model.tied_embeddings and _saved_head_differs(store):
         warnings.warn(
             f"{folder}: config.json says tie_word_embeddings, but the saved lm_head.weight "
             "differs from embed_tokens.weight; using the saved head (as transformers does)",
-            stacklevel=2,
+            stacklevel=3,
         )
         config.text["tie_word_embeddings"] = False
-        model.language_model.config.tie_word_embeddings = False
+        with params_on_meta():
+            model = FilaForConditionalGeneration(config)
+    if model.tied_embeddings:
+        model.language_model.tie_weights()
+    return model.eval(), config, store
+
+
+def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a checkpoint folder -> (model in eval mode, config); one copy of each weight."""
+    model, config, store = open_model(folder)
+    state = {key: store.get(key, dtype) for key in model.state_dict() if key in store.where}
     model.load_state_dict(state, strict=False, assign=True)
     if model.tied_embeddings:
         model.language_model.tie_weights()
-    return model.to(dtype).eval(), config
+    return model, config
 
 
-def _saved_head_differs(state: dict[str, torch.Tensor]) -> bool:
-    head = state.get("language_model.lm_head.weight")
-    embed = state.get("language_model.model.embed_tokens.weight")
-    return head is not None and embed is not None and not torch.equal(head, embed)
+def _saved_head_differs(store: WeightStore) -> bool:
+    keys = ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight")
+    if not all(k in store.where for k in keys):
+        return False
+    return not torch.equal(store.get(keys[0]), store.get(keys[1]))
+
+
+def write_config_files(
+    config: FilaConfig, folder: Path, tokenizer_vocab: int | None = None
+) -> None:
+    """``config.json``, ``preprocessor_config.json`` and (unless present) the tokenizer files."""
+    from fila_export.model.tokenizer import write_tokenizer
+
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(config.preprocessor_dict(), indent=2)
+    )
+    if not (folder / "tokenizer.json").exists():
+        write_tokenizer(
+            folder, tokenizer_vocab or config.vocab_size, config.max_position_embeddings
+        )
 
 
 def save_checkpoint(
@@ -167,61 +192,32 @@ def save_checkpoint(
     tokenizer_vocab: int | None = None,
 ) -> Path:
     """Write the checkpoint layout ``load_checkpoint`` reads (and transformers reads too)."""
-    from safetensors.torch import save_file
-
-    from fila_export.model.tokenizer import write_tokenizer
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps(config.preprocessor_dict(), indent=2)
-    )
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.tied_embeddings:
-        state.pop("language_model.lm_head.weight", None)
-    shards = _shard(state, max_shard_bytes)
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata=meta)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / name), metadata=meta)
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    if not (folder / "tokenizer.json").exists():
-        write_tokenizer(
-            folder, tokenizer_vocab or config.vocab_size, config.max_position_embeddings
-        )
+    writer = ShardWriter(folder, max_shard_bytes)
+    for key, value in model.state_dict().items():
+        if not (model.tied_embeddings and key == "language_model.lm_head.weight"):
+            writer.add(key, value.detach())
+    writer.close()
+    write_config_files(model.config, folder, tokenizer_vocab)
     return folder
 
 
-def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
-    if not max_bytes:
-        return [state]
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    return shards
-
-
-def init_checkpoint(preset_name: str, out: str | Path, seed: int = 0) -> Path:
-    """A deterministic random checkpoint from a named preset (tests, demos, benchmarks)."""
+def init_checkpoint(preset_name: str, out: str | Path, seed: int = 0, dtype: str = "fp32") -> Path:
+    """A deterministic random checkpoint from a named preset (tests, demos, benchmarks), written
+    tensor by tensor into shards of at most 2 GB: the model itself never exists in memory."""
     from fila_export.model.config import preset
 
     config = preset(preset_name)
-    torch.manual_seed(seed)
-    model = FilaForConditionalGeneration(config)
-    model.init_weights(seed)
-    return save_checkpoint(model, out)
+    target = torch_dtype(dtype)
+    with params_on_meta():
+        model = FilaForConditionalGeneration(config)
+    model.language_model.tie_weights()  # a tied head is the embedding: written once
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder)
+    for key, value in model.random_parameters(seed):
+        writer.add(key, value.to(target))
+    writer.close()
+    write_config_files(config, folder)
+    return folder

@@ -396,7 +396,25 @@ def _small() -> FilaConfig:
     )
 
 
+def _edge() -> FilaConfig:
+    """~2.1 B, the Orin Nano class: CLIP ViT-L/14-336, ConvNeXt-B on the global view, and a
+    Qwen2-1.5B-shaped LLM (tied embeddings over a 151,936-token vocabulary). The bundled tokenizer
+    is a small one whose ids sit inside the model's vocabulary: shapes are what count."""
+    text = _text("qwen2", 151936, 1536, 8960, 28, 12, 2, 32768)
+    text |= {"rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True}
+    return FilaConfig(
+        vision=_vision(1024, 4096, 24, 16, 336, 14),
+        text=text,
+        convnext=ConvNextConfig(
+            arch="convnext_base", depths=[3, 3, 27, 3], dims=[128, 256, 512, 1024]
+        ),
+        interaction_layers=[2, 6, 12, 20],
+    )
+
+
 def _paper() -> FilaConfig:
+    """~7.2 B, the published size: ViT-L/14-336, ConvNeXt-L, a 7 B Llama (LLaVA-NeXT-vicuna's
+    shapes; the image token is the bundled tokenizer's, id 3, where vicuna's own uses 32000)."""
     text = _text("llama", 32064, 4096, 11008, 32, 32, 32, 4096)
     return FilaConfig(
         vision=_vision(1024, 4096, 24, 16, 336, 14),
@@ -405,15 +423,15 @@ def _paper() -> FilaConfig:
             arch="convnext_large", depths=[3, 3, 27, 3], dims=[192, 384, 768, 1536]
         ),
         interaction_layers=[2, 6, 12, 20],
-        image_token_index=32000,
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "paper": _paper}
+PRESETS = {"tiny": _tiny, "small": _small, "edge": _edge, "paper": _paper}
 
 
 def preset(name: str) -> FilaConfig:
-    """A fresh config for a named preset: ``tiny`` (tests), ``small`` (CPU bench), ``paper``."""
+    """A fresh config for a named preset: ``tiny`` (tests), ``small`` (CPU bench), ``edge``
+    (~2.1 B, Orin Nano class), ``paper`` (~7.2 B)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()

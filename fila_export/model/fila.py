@@ -7,7 +7,7 @@ plus ``convnext`` and ``cvfm``, so state-dict keys are the checkpoint keys.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,26 +74,33 @@ class FilaForConditionalGeneration(nn.Module):
         self.preprocess_config = preprocess_config(config)
 
     # --- weights ------------------------------------------------------------------------
-    def init_weights(self, seed: int, gain: float = 1.0, zero_init_cvfm: bool = False) -> None:
-        """Deterministic random weights (for tests and ``fila init``); every tensor is touched.
+    def random_parameters(self, seed: int, gain: float = 1.0) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, deterministic random value) of every parameter, one at a time, so a checkpoint
+        can be written without the model's memory (the model may live on the meta device).
 
         Matrices get std gain/sqrt(fan_in) so activations stay O(1) at any size and a random LLM
         gives varied greedy tokens (parity tests then compare real sequences, not one repeated id).
         """
         gen = torch.Generator().manual_seed(seed)
         scales = norm_and_scale_parameters(self)
+        for name, p in self.named_parameters():
+            if name in scales:
+                base = 0.0 if name.endswith("bias") else 1.0
+                value = base + 0.1 * torch.randn(p.shape, generator=gen)
+            elif name.endswith(".gate"):
+                value = torch.full(p.shape, float(self.config.cvfm_gate_init))
+            elif p.ndim >= 2:
+                value = gain / p.shape[1:].numel() ** 0.5 * torch.randn(p.shape, generator=gen)
+            else:
+                value = 0.02 * torch.randn(p.shape, generator=gen)
+            yield name, value
+
+    def init_weights(self, seed: int, gain: float = 1.0, zero_init_cvfm: bool = False) -> None:
+        """Deterministic random weights (for tests and ``fila init``); every tensor is touched."""
+        params = dict(self.named_parameters())
         with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name in scales:
-                    base = 0.0 if name.endswith("bias") else 1.0
-                    p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
-                elif name.endswith(".gate"):
-                    p.fill_(self.config.cvfm_gate_init)
-                elif p.ndim >= 2:
-                    std = gain / p.shape[1:].numel() ** 0.5
-                    p.copy_(std * torch.randn(p.shape, generator=gen))
-                else:
-                    p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            for name, value in self.random_parameters(seed, gain):
+                params[name].copy_(value)
             if zero_init_cvfm and self.cvfm is not None:
                 for block in self.cvfm:
                     block.zero_init()

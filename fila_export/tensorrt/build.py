@@ -20,7 +20,7 @@ from runtime.backends.tensorrt.loader import BUILD_INFO, ENGINE_DIR
 from runtime.errors import FilaError
 from runtime.manifest import Manifest, sha256_file
 from runtime.profiles import Profile, stage_profiles
-from runtime.variants import PrecisionSpec, choose_decoder, stage_variants
+from runtime.variants import choose_decoder, precision_spec
 
 
 class TensorRTUnavailable(FilaError):
@@ -159,8 +159,7 @@ def default_build_stages(manifest: Manifest) -> list[str]:
 def build_plan(manifest: Manifest, precision: str, stages: Sequence[str] | None) -> list[tuple]:
     """(stage, variant) of every engine to build: the stages asked for (default: what
     deployment needs), each at the variant ``precision`` picks for it, as the runtime picks."""
-    spec = PrecisionSpec.parse(precision)
-    spec.check(stage_variants(manifest))
+    spec = precision_spec(manifest, precision)
     names = list(stages) if stages else default_build_stages(manifest)
     for name in names:
         if not manifest.spec(name).runs_on("tensorrt"):
@@ -168,7 +167,7 @@ def build_plan(manifest: Manifest, precision: str, stages: Sequence[str] | None)
                 f"stage {name} runs on {', '.join(manifest.spec(name).backends)} only (its "
                 "manifest entry); TensorRT cannot build it"
             )
-    return [(name, spec.variant(name, list(manifest.stage(name)["variants"]))) for name in names]
+    return [(name, spec.variant(name, manifest.variants_for(name, "tensorrt"))) for name in names]
 
 
 def shape_arg(profile_shapes: dict, index: int) -> str:

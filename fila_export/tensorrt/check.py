@@ -142,7 +142,7 @@ def check_artifacts(
         if not manifest.spec(stage).runs_on("tensorrt"):
             report.skipped.append(stage)
             continue
-        for precision in entry["variants"]:
+        for precision in manifest.variants_for(stage, "tensorrt"):
             if wanted and precision not in wanted:
                 continue
             report.graphs.append((stage, precision))

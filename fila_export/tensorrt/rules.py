@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from fila_export.export.graph_edits import NORM_OPS
 from fila_export.tensorrt.graph_index import (
     GraphIndex,
     attr,
@@ -14,14 +15,6 @@ from fila_export.tensorrt.graph_index import (
 from runtime.spec import parse_dim
 
 _SOURCE_OPS = {"Constant", "ConstantOfShape", "RandomNormal", "RandomUniform"}
-# Normalisation and softmax ops that must stay fp32 in the fp16 graphs (see graph_edits.FP32_OPS).
-NORM_OPS = (
-    "LayerNormalization",
-    "SimplifiedLayerNormalization",
-    "RMSNormalization",
-    "Softmax",
-    "ReduceMean",
-)
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _UINT8 = 2  # TensorProto.UINT8: what QuantizeLinear outputs without a zero point
 
@@ -435,5 +428,5 @@ class Checker:
                     "fp32-norm",
                     f"{kind} forced to {low[trt_type(elem)]}: {node.op_type} input "
                     f"'{node.input[0]}' is {friendly(elem)}; keep normalisation and softmax "
-                    "in fp32 (FP32_OPS in fila_export/export/graph_edits.py)",
+                    "in fp32 (NORM_OPS in fila_export/export/graph_edits.py)",
                 )

@@ -40,10 +40,11 @@ def answer_accuracy(
         }
     ]
     answers = {"torch/fp32": torch_answers}
-    for precision in precisions if artifacts else ():
+    for spec in (precisions or [None]) if artifacts else ():
         pipe = FilaPipeline.from_artifacts(
-            artifacts, backend=backend, precision=precision, **runner_options
+            artifacts, backend=backend, precision=spec, **runner_options
         )
+        precision = spec or pipe.manifest.base
         got = pipeline_answers(pipe, records, max_new_tokens)
         pipe.close()
         same = sum(a == b for a, b in zip(got, torch_answers, strict=True))

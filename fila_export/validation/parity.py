@@ -28,7 +28,7 @@ from runtime.manifest import Manifest
 from runtime.pipeline import FilaPipeline
 from runtime.preprocess import PreprocessedImage
 from runtime.prompt import PromptBuilder
-from runtime.variants import PrecisionSpec, stage_variants
+from runtime.variants import precision_spec
 from runtime.vision import image_feeds, walk_chain
 
 PROMPT = "Describe the image."
@@ -158,8 +158,7 @@ class StageChecker:
 
     def __init__(self, manifest: Manifest, backend: str, precision: str, **options) -> None:
         self.manifest, self.backend, self.options = manifest, backend, options
-        self.spec = PrecisionSpec.parse(precision)
-        self.spec.check(stage_variants(manifest))
+        self.spec = precision_spec(manifest, precision)
         self.runners: dict[tuple[str, str], object] = {}
         self.results: dict[tuple[str, str], list[Comparison]] = {}
         self.engines = None
@@ -173,7 +172,7 @@ class StageChecker:
         (TensorRT) not built."""
         if name not in self.manifest.stages or not self.manifest.spec(name).runs_on(self.backend):
             return None
-        variant = self.spec.variant(name, list(self.manifest.stage(name)["variants"]))
+        variant = self.spec.variant(name, self.manifest.variants_for(name, self.backend))
         if self.engines is not None and (name, variant) not in self.engines:
             return None
         return variant
@@ -213,7 +212,7 @@ def validate(
     checkpoint: str | Path,
     images: str | Path | None = None,
     backend: str = "onnxruntime",
-    precision: str = "fp32",
+    precision: str | None = None,
     tokens: int = 32,
     max_images: int = 3,
 ) -> ValidationReport:
@@ -221,9 +220,9 @@ def validate(
     model, _ = load_checkpoint(checkpoint)
     paths = find_images(images or PHOTOS)[:max_images]
     ref = ReferencePipeline(model, PromptBuilder.from_folder(checkpoint))
-    report = ValidationReport(backend, precision, images=[str(p) for p in paths])
-    stages = TorchStages(model, stage_specs(model.config))
     checker = StageChecker(manifest, backend, precision)
+    report = ValidationReport(backend, checker.spec.text, images=[str(p) for p in paths])
+    stages = TorchStages(model, stage_specs(model.config))
     for path in paths:
         image = ref.preprocess([path])[0]
         _, ids = ref.prompts.request_ids(PROMPT, [image.num_tokens])

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from runtime.backends.base import TensorMeta
+from runtime.backends.base import TensorMeta, np_dtype
 from runtime.onnx_io import BackendError
 
 
@@ -20,10 +20,14 @@ class OrtRunner:
         self.session = session
         self.providers = session.get_providers()
         self.inputs = [TensorMeta(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()]
+        self.input_dtypes = {i.name: np_dtype(i.type) for i in session.get_inputs()}
         self.outputs = [TensorMeta(o.name, o.type, tuple(o.shape)) for o in session.get_outputs()]
         self.last_inference_time = 0.0
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name; each feed is given the dtype the graph declares (as TensorRT's runner
+        does), so an fp16 graph's KV cache can be fed from fp32 arrays."""
+        feeds = {k: np.asarray(v, dtype=self.input_dtypes.get(k)) for k, v in feeds.items()}
         t0 = time.perf_counter()
         values = self.session.run(None, feeds)
         self.last_inference_time = time.perf_counter() - t0

@@ -122,7 +122,9 @@ class TrtDecoderRunner(TrtRunner):
             self.memory.free(self.cache_ptr)
             self.cache_ptr = None
         self.row_shape = row_shape
-        self.row_bytes = int(np.prod(row_shape)) * np.dtype(np.float32).itemsize
+        self.row_bytes = (
+            int(np.prod(row_shape)) * self.dtypes["past.0.key"].itemsize
+        )  # engine dtype
         self.num_layers = num_layers
         self.block_bytes = self.row_bytes * max_len
         self.cache_ptr = self.memory.alloc(self.block_bytes * num_layers * 2)

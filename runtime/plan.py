@@ -1,0 +1,192 @@
+"""``fila plan``: the memory an export will need on a machine, before anything runs.
+
+The terms: the runtime process itself, the weights of each stage variant the pipeline loads (as
+the backend holds them: ONNX Runtime's CPU provider keeps an fp16 graph's weights as fp32 copies),
+the KV cache at the context, the activation peaks of vision (at the largest anyres grid) and of
+prefill (at the context), and what the board's OS keeps for itself. Each estimate is a formula
+over the model's shapes with constants fitted to peaks measured here (``benchmarks/README.md``,
+"Memory plan"), so a verdict says what to change (precision, context, tiles) to fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runtime import onnx_io
+from runtime.errors import FilaError
+from runtime.generate import DecoderShape
+from runtime.manifest import Manifest
+from runtime.variants import choose_decoder, precision_spec
+
+GB = 1e9
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Board:
+    """A Jetson module: memory the kernel sees (LPDDR5 minus firmware carveouts) and what JetPack
+    6's Ubuntu desktop keeps at idle (RAM in ``tegrastats``), from which the model must fit."""
+
+    name: str
+    visible_gb: float
+    os_gb: float
+
+
+# Idle use: a JetPack 6 Orin desktop at idle shows about 2.8 GB in tegrastats (``RAM 2847/7772MB``,
+# proventusnova.com/blog/jetson-orin-high-ram-usage-idle); a headless board (multi-user target)
+# keeps roughly 1 GB less. Visible memory: the module's LPDDR5 less the carveouts (about 0.4 GB).
+BOARDS = {
+    "orin-nano-8gb": Board("Jetson Orin Nano 8 GB", 7.6, 2.8),
+    "orin-nx-16gb": Board("Jetson Orin NX 16 GB", 15.4, 2.8),
+    "agx-orin-32gb": Board("Jetson AGX Orin 32 GB", 30.6, 2.8),
+    "agx-orin-64gb": Board("Jetson AGX Orin 64 GB", 62.8, 2.8),
+}
+# Fitted on this machine's ONNX Runtime CPU runs (tiny, small, edge; fp32 and w4).
+RUNTIME_BYTES = 110 * MB  # python, numpy, Pillow, onnxruntime, tokenizers and session overheads
+CUDA_CONTEXT_BYTES = 400 * MB  # a CUDA context and TensorRT's runtime on a Jetson (estimate)
+VISION_ARENA = 1.0  # ONNX Runtime's arena over the largest live vision tensors
+PREFILL_ARENA = 1.0
+
+
+@dataclass
+class Term:
+    name: str
+    bytes: float
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    terms: list[Term] = field(default_factory=list)
+    available: float | None = None  # bytes left for the model on the target, if one was named
+    target: str = ""
+
+    @property
+    def total(self) -> float:
+        return sum(t.bytes for t in self.terms)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.available is None else self.total <= self.available
+
+    def table(self) -> str:
+        lines = ["| term | MB | how |", "|---|---|---|"]
+        lines += [f"| {t.name} | {t.bytes / MB:,.0f} | {t.note} |" for t in self.terms]
+        lines.append(f"| **peak** | **{self.total / MB:,.0f}** | |")
+        return "\n".join(lines)
+
+
+def stage_weights(manifest: Manifest, stage: str, variant: str, backend: str) -> Term:
+    """A stage variant's weights as the backend holds them."""
+    path = manifest.stage_path(stage, variant)
+    size = onnx_io.graph_bytes(path)
+    note = f"{path.name}"
+    if backend == "onnxruntime" and variant == "fp16":
+        size *= 2
+        note += ", held as fp32 by ONNX Runtime's CPU provider"
+    return Term(f"weights: {stage} ({variant})", size, note)
+
+
+def kv_cache(manifest: Manifest, decoder_variant: str, context: int) -> Term:
+    shape = DecoderShape.from_text_config(manifest.model["text"])
+    itemsize = 2 if decoder_variant in ("fp16", "w4", "w8") and manifest.base == "fp16" else 4
+    size = shape.kv_bytes_per_position(itemsize) * context
+    return Term(
+        "KV cache", size, f"{context} positions x {shape.kv_bytes_per_position(itemsize):,} B"
+    )
+
+
+def vision_activations(manifest: Manifest, max_tiles: int | None) -> Term:
+    """ViT on every tile (MLP and attention scores of one layer live at once) and ConvNeXt's
+    first stage map (with its 4x MLP) over the global view, fp32."""
+    model, pre = manifest.model, manifest.preprocess
+    grids = pre.grid_shapes()
+    if max_tiles is not None:
+        grids = [g for g in grids if 1 + g[0] * g[1] <= max_tiles] or [
+            min(grids, key=lambda g: g[0] * g[1])
+        ]
+    rows, cols = max(grids, key=lambda g: g[0] * g[1])
+    tiles = 1 + rows * cols
+    vision = model["vision"]
+    tokens = 1 + pre.tokens_per_side**2
+    vit = tiles * tokens * (vision["intermediate_size"] + 4 * vision["hidden_size"]) * 4
+    vit += tiles * vision["num_attention_heads"] * tokens * tokens * 4
+    conv = 0
+    if pre.global_tile_size:
+        side = (pre.global_tile_size // 4) ** 2 * rows * cols
+        conv = 5 * model["convnext"]["dims"][0] * side * 4
+    size = VISION_ARENA * (vit + conv)
+    return Term("vision activations", size, f"{rows}x{cols} grid, {tiles} tiles")
+
+
+def prefill_activations(manifest: Manifest, context: int) -> Term:
+    text = manifest.model["text"]
+    mlp = context * (text["intermediate_size"] * 3 + text["hidden_size"] * 6) * 4
+    scores = text["num_attention_heads"] * context * context * 4
+    return Term("prefill activations", PREFILL_ARENA * (mlp + scores), f"{context} tokens at once")
+
+
+def plan_memory(
+    manifest: Manifest,
+    backend: str = "onnxruntime",
+    precision: str | None = None,
+    context: int | None = None,
+    max_tiles: int | None = None,
+    decoder: str = "auto",
+) -> MemoryPlan:
+    """The terms of one pipeline's peak memory (no target: ``with_target`` adds it)."""
+    spec = precision_spec(manifest, precision)
+    decoder_stage = choose_decoder(manifest, backend, decoder)
+    context = context or manifest.stage(decoder_stage)["axes"]["total"]["max"]
+    plan = MemoryPlan()
+    base = RUNTIME_BYTES + (CUDA_CONTEXT_BYTES if backend == "tensorrt" else 0)
+    plan.terms.append(Term("runtime", base, "process, libraries, sessions"))
+    variants = {}
+    for stage in ("vision", "embed", decoder_stage):
+        if stage not in manifest.stages:
+            raise FilaError(f"this export has no {stage} stage; re-export it whole to plan it")
+        variants[stage] = spec.variant(stage, manifest.variants_for(stage, backend))
+        plan.terms.append(stage_weights(manifest, stage, variants[stage], backend))
+    plan.terms.append(kv_cache(manifest, variants[decoder_stage], context))
+    plan.terms.append(vision_activations(manifest, max_tiles))
+    plan.terms.append(prefill_activations(manifest, context))
+    return plan
+
+
+def with_target(plan: MemoryPlan, board: str | None = None, memory_gb: float | None = None):
+    """The plan against a board (or a memory size): what is left for the model after the OS."""
+    if board is not None:
+        if board not in BOARDS:
+            raise FilaError(f"unknown board {board!r}; use one of {', '.join(BOARDS)}")
+        b = BOARDS[board]
+        plan.available = (b.visible_gb - b.os_gb) * GB
+        plan.target = f"{b.name}: {b.visible_gb} GB visible, {b.os_gb} GB kept by the OS"
+    elif memory_gb is not None:
+        plan.available = memory_gb * GB
+        plan.target = f"{memory_gb} GB for the model"
+    return plan
+
+
+def suggestions(manifest: Manifest, options: dict, available: float) -> list[str]:
+    """Changes (precision, context, tiles) after which the plan fits, smallest change first."""
+    have = sorted({v for entry in manifest.stages.values() for v in entry["variants"]})
+    trials = [
+        {"precision": p} for p in ("w4", "int8,w4", "vision=int8,decoder=w4") if _has(p, have)
+    ]
+    context = options.get("context") or 4096
+    trials += [{"context": c} for c in (context // 2, context // 4, 512) if c < context]
+    trials += [{"max_tiles": t} for t in (3, 2)]
+    out = []
+    for change in trials:
+        try:
+            plan = plan_memory(manifest, **(options | change))
+        except FilaError:
+            continue
+        if plan.total <= available:
+            said = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in change.items())
+            out.append(f"{said}: {plan.total / MB:,.0f} MB")
+    return out or ["none of precision, context or tiles alone: a board with more memory"]
+
+
+def _has(spec: str, have: list[str]) -> bool:
+    return all(part.split("=")[-1] in have for part in spec.split(","))

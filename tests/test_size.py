@@ -1,0 +1,129 @@
+"""What makes 2-8 B models fit: checkpoints written tensor by tensor, weights read lazily by stage,
+one weight file per precision that every graph shares, the parity executor chosen by memory, the
+quantized embedding, and the memory planner's arithmetic (all on ``tiny``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import fila_export.export.stage_export as stage_export
+import fila_export.model.weights as weights_module
+from fila_export.export.exporter import export_artifacts
+from fila_export.model.checkpoint import init_checkpoint, load_checkpoint, open_model
+from runtime.generate import DecoderShape
+from runtime.manifest import Manifest
+from runtime.pipeline import FilaPipeline
+from runtime.plan import MB, RUNTIME_BYTES, plan_memory, with_target
+
+
+def external_refs(path) -> dict[str, tuple[str, int, int]]:
+    """initializer -> (file, offset, length) of a graph's external weights."""
+    out = {}
+    for init in onnx.load(str(path), load_external_data=False).graph.initializer:
+        where = {e.key: e.value for e in init.external_data}
+        if "location" in where:
+            out[init.name] = (where["location"], int(where["offset"]), int(where["length"]))
+    return out
+
+
+def test_init_writes_shards_tensor_by_tensor_at_the_dtype(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights_module, "MAX_SHARD_BYTES", 150_000)
+    folder = init_checkpoint("tiny", tmp_path / "ckpt", seed=0, dtype="fp16")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((folder / s).stat().st_size < 150_000 + 70_000 for s in shards)
+    model, config, store = open_model(folder)
+    assert {str(store.get(k).dtype) for k in store.keys()} == {"torch.float16"}
+    assert next(model.parameters()).is_meta  # opening reads no tensor
+    fp32 = init_checkpoint("tiny", tmp_path / "fp32", seed=0)
+    a, _ = load_checkpoint(fp32)
+    b, _ = load_checkpoint(folder)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert np.array_equal(x.half().numpy(), y.half().numpy()), name  # the same values
+
+
+def test_a_stage_reads_only_its_own_weights(tiny_checkpoint, tmp_path, monkeypatch):
+    read = []
+    real = weights_module.WeightStore.get
+    monkeypatch.setattr(
+        weights_module.WeightStore,
+        "get",
+        lambda self, k, d=None: read.append(k) or real(self, k, d),
+    )
+    export_artifacts(tiny_checkpoint, tmp_path / "art", stages=["projector"], progress=False)
+    assert read and set(read) <= {"image_newline"} | {
+        k for k in read if k.startswith("multi_modal_projector.")
+    }
+    assert any(k.startswith("multi_modal_projector.") for k in read)
+
+
+def test_graphs_share_one_weight_file_per_precision(tiny_artifacts):
+    manifest = Manifest.load(tiny_artifacts)
+    portable = external_refs(manifest.stage_path("decoder"))
+    gqa = external_refs(manifest.stage_path("decoder_gqa"))
+    assert {f for f, _, _ in portable.values()} == {"weights.fp32.data"}
+    # the GQA graph reads the same bytes as the portable one for every layer weight
+    layer_weights = {ref for name, ref in gqa.items() if ".layers." in name}
+    assert layer_weights and layer_weights <= set(portable.values())
+    vision = set(external_refs(manifest.stage_path("vision")).values())
+    modular = set().union(
+        *(external_refs(manifest.stage_path(s)).values() for s in manifest.vision_chain)
+    )
+    assert vision == modular  # the fused graph reads the modular stages' weights
+    entries = {json.dumps(manifest.variant(s)["external_data"]) for s in manifest.stages}
+    assert len(entries) == 1  # one weight file, hashed once, for every fp32 graph
+
+
+def test_large_fp16_stages_are_checked_on_the_reference_evaluator(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        stage_export, "parity_executor", lambda dtype, size, budget: "onnx-reference"
+    )
+    m = export_artifacts(
+        tiny_checkpoint,
+        tmp_path / "art",
+        precisions=["fp16"],
+        stages=["embed", "decoder_gqa"],
+        progress=False,
+    )
+    parity = m.variant("decoder_gqa", "fp16")["parity"]
+    assert parity["executor"] == "onnx-reference" and parity["rel_l2"] <= parity["tolerance"]
+    assert m.base == "fp16" and m.variant("decoder_gqa")["precision"] == "fp16"
+
+
+def test_the_parity_executor_follows_the_memory_bound():
+    import torch
+
+    big = 3 * 10**9
+    assert stage_export.parity_executor(torch.float16, big, 1.5 * big + 1e9) == "onnx-reference"
+    assert stage_export.parity_executor(torch.float16, 10**8, 1.5 * big + 1e9) == "onnxruntime"
+    assert stage_export.parity_executor(torch.float32, big, 1.0) == "onnxruntime"
+
+
+def test_plan_arithmetic_on_tiny(tiny_artifacts):
+    manifest = Manifest.load(tiny_artifacts)
+    plan = plan_memory(manifest, context=100)
+    terms = {t.name.split(" (")[0]: t.bytes for t in plan.terms}
+    shape = DecoderShape.from_text_config(manifest.model["text"])
+    assert terms["KV cache"] == 2 * shape.num_layers * shape.kv_heads * shape.head_dim * 4 * 100
+    assert terms["runtime"] == RUNTIME_BYTES
+    for stage in ("vision", "embed", "decoder_gqa"):
+        assert terms[f"weights: {stage}"] > 0
+    assert plan.total == pytest.approx(sum(terms.values()))
+    fp16 = {t.name: t.bytes for t in plan_memory(manifest, precision="fp16", context=100).terms}
+    assert fp16["weights: vision (fp16)"] == pytest.approx(2 * terms["weights: vision"], rel=0.2)
+    fits = with_target(plan_memory(manifest, context=100), board="orin-nano-8gb")
+    assert fits.fits and fits.available == pytest.approx((7.6 - 2.8) * 1e9)
+    tight = with_target(plan_memory(manifest, context=100), memory_gb=plan.total / 1e9 / 2)
+    assert tight.fits is False and tight.total / MB > 0
+
+
+def test_a_pipeline_reports_its_peak_memory(tiny_artifacts):
+    pipe = FilaPipeline.from_artifacts(tiny_artifacts)
+    out = pipe.generate(np.zeros((60, 90, 3), np.uint8), "Hi", max_new_tokens=3)
+    assert out.peak_rss_mb > 50 and out.to_dict()["peak_rss_mb"] == round(out.peak_rss_mb, 1)
