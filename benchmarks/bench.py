@@ -102,6 +102,7 @@ def measure_round(target, s: BenchSettings) -> dict:
         "power": power.summary(generated),
         "gpu_peak_mb": gpu_peak_mb(target.backend),
         "sizes_bytes": target.sizes,
+        "memory_mb": target.memory_mb,
     }
 
 
@@ -118,6 +119,7 @@ def column_result(rounds: list[dict], s: BenchSettings, weight_bytes: int) -> di
             "answer_tokens",
             "sizes_bytes",
             "allocator_env",
+            "memory_mb",
         )
     }
     result["decode_weight_bytes"] = weight_bytes

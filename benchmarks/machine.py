@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import re
 import shutil
 import subprocess
-import threading
 import time
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from runtime.jetson import parse_tegrastats
 
 
 def _version(pkg: str) -> str | None:
@@ -153,11 +153,9 @@ def steady_allocator():
 
 
 class TegraStats:
-    """Samples ``tegrastats`` while a block runs: average power (VDD_IN), GR3D and EMC use."""
-
-    POWER = re.compile(r"VDD_IN (\d+)mW")
-    GR3D = re.compile(r"GR3D_FREQ (\d+)%")
-    EMC = re.compile(r"EMC_FREQ (\d+)%")
+    """Samples ``tegrastats`` while a block runs: board power (the module's rails, summed as
+    ``runtime.jetson`` knows them for each Orin), GR3D and EMC use. tegrastats writes to a log
+    file (``--logfile``: no pipe buffering) read back at the end."""
 
     def __init__(self, interval_ms: int = 100) -> None:
         self.interval_ms = interval_ms
@@ -166,46 +164,50 @@ class TegraStats:
 
     def __enter__(self):
         if self.available:
-            self.proc = subprocess.Popen(
-                ["tegrastats", "--interval", str(self.interval_ms)],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            self.thread = threading.Thread(target=self._read, daemon=True)
-            self.thread.start()
+            import tempfile
+
+            self.log = Path(tempfile.mkstemp(prefix="fila-tegrastats-", suffix=".log")[1])
+            cmd = ["tegrastats", "--interval", str(self.interval_ms), "--logfile", str(self.log)]
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         self.start = time.perf_counter()
         return self
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.samples.append(line)
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
         if self.available:
             self.proc.terminate()
             self.proc.wait(timeout=5)
+            self.samples = [s for s in self.log.read_text().splitlines() if s.strip()]
+            self.log.unlink(missing_ok=True)
 
     def summary(self, tokens: int | None = None) -> dict | None:
         if not self.available or not self.samples:
             return None
+        return power_summary(self.samples, self.seconds, tokens)
 
-        def mean(pattern):
-            vals = [int(m.group(1)) for s in self.samples if (m := pattern.search(s))]
-            return sum(vals) / len(vals) if vals else None
 
-        power_w = (mean(self.POWER) or 0) / 1000
-        out = {
-            "avg_power_w": power_w,
-            "gr3d_pct": mean(self.GR3D),
-            "emc_pct": mean(self.EMC),
-            "seconds": self.seconds,
-            "joules": power_w * self.seconds,
-            "tokens": tokens or 0,
-        }
-        if tokens:
-            out["joules_per_token"] = out["joules"] / tokens
-        return out
+def power_summary(lines: list[str], seconds: float, tokens: int | None = None) -> dict:
+    """Average board power, GR3D and EMC over tegrastats lines, and the energy over ``seconds``
+    (per token when ``tokens`` is given). A line without known rails raises."""
+    samples = [parse_tegrastats(line) for line in lines]
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    power_w = mean(s.board_mw for s in samples) / 1000
+    out = {
+        "avg_power_w": power_w,
+        "gr3d_pct": mean(s.gr3d_pct for s in samples),
+        "emc_pct": mean(s.emc_pct for s in samples),
+        "seconds": seconds,
+        "joules": power_w * seconds,
+        "tokens": tokens or 0,
+        "module": samples[0].module,
+    }
+    if tokens:
+        out["joules_per_token"] = out["joules"] / tokens
+    return out
 
 
 def merge_power(parts: list[dict | None]) -> dict | None:

@@ -22,6 +22,13 @@ def _rss(r: dict) -> str:
     return f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['rss_at_start_mb']:.0f})"
 
 
+def _memory(r: dict) -> str:
+    """The memory terms measured in the column's process (``fila plan`` predicts them)."""
+    m = r.get("memory_mb") or {}
+    keys = ("loaded", "after_vision", "after_prefill")
+    return " / ".join(f"{m[k]:.0f}" for k in keys) if all(k in m for k in keys) else "-"
+
+
 def markdown(out: dict) -> str:
     m = out["machine"]
     lines = [
@@ -59,6 +66,7 @@ def markdown(out: dict) -> str:
             f"{r.get('speedup_vs_torch', {}).get('end_to_end', float('nan')):.2f}x"
         ),
         "peak RSS (MB; + over the RSS before loading)": _rss,
+        "RSS after loading / vision / prefill (MB)": _memory,
         "decode weights read per token (MB)": lambda r: f"{r['decode_weight_bytes'] / 2**20:.0f}",
     }
     for ctx in out["settings"]["contexts"]:

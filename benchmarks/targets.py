@@ -13,6 +13,7 @@ import numpy as np
 
 from runtime import onnx_io
 from runtime.image_io import load_image
+from runtime.memory import rss_mb
 from runtime.pipeline import FilaPipeline, load_runners
 from runtime.preprocess import preprocess
 from runtime.variants import choose_decoder, precision_spec
@@ -39,6 +40,7 @@ class Target:
     end_to_end: object = None  # () -> generated token count
     sizes: dict = field(default_factory=dict)
     decoder_stage: str = "decoder"  # which decoder graph ran (decoder_gqa on ONNX Runtime)
+    memory_mb: dict = field(default_factory=dict)  # RSS after loading, vision, prefill
 
 
 def stage_group(name: str) -> str:
@@ -70,6 +72,7 @@ def runtime_target(
     image = load_image(image_path)
     pre = preprocess(image, cfg)
     t = Target(backend, precision, decoder_stage=fused.decoder_stage)
+    t.memory_mb["loaded"] = rss_mb()  # the fused pipeline and the modular chain's stages
     t.stages["preprocess"] = [lambda: preprocess(image, cfg)]
     t.stages["vision"] = [lambda: fused.run_vision(pre)]
     feeds = {}
@@ -81,11 +84,14 @@ def runtime_target(
         )
     _, ids = fused.prompts.request_ids(prompt, [pre.num_tokens])
     prompt_embeds = fused.prompt_embeds(ids, [pre], [fused.run_vision(pre)])
+    t.memory_mb["after_vision"] = rss_mb()
 
     def prefill():
         fused.new_decoder(len(ids) + 1).prefill(prompt_embeds, np.ones((1, len(ids)), np.int64))
 
     t.stages["prefill"] = [prefill]
+    prefill()
+    t.memory_mb["after_prefill"] = rss_mb()
     step_embed = fused.embed(np.asarray([[42]], dtype=np.int64))
 
     def decode_at(context: int, steps: int):

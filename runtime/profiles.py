@@ -38,6 +38,11 @@ class Profile:
             "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()},
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Profile:
+        shapes = {k: tuple(tuple(s) for s in v) for k, v in d["shapes"].items()}
+        return cls(d["name"], shapes)
+
 
 def _shapes(
     inputs: list[dict], lo: dict, opt: dict, hi: dict
@@ -48,9 +53,14 @@ def _shapes(
     }
 
 
-def stage_profiles(manifest: Manifest, stage: str) -> list[Profile]:
+def stage_profiles(manifest: Manifest, stage: str, max_batch: int | None = None) -> list[Profile]:
+    """The stage's optimization profiles; ``max_batch`` caps the batch axis (the board's buffers
+    and the engine's kernels are sized for it)."""
     entry = manifest.stage(stage)
-    axes = entry["axes"]
+    axes = {k: dict(v) for k, v in entry["axes"].items()}
+    if max_batch is not None and "batch" in axes:
+        top = max(1, min(max_batch, axes["batch"]["max"]))
+        axes["batch"] = {"min": 1, "opt": min(axes["batch"]["opt"], top), "max": top}
     inputs = entry["inputs"]
     if "rows" in axes:
         grids = manifest.preprocess.grid_shapes()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from runtime.backends.tensorrt import TrtDecoderRunner, TrtRunner, check_build_info
-from runtime.errors import EngineMismatchError
+from runtime.errors import EngineMismatchError, FilaError
 from runtime.generate import Decoder, DecoderShape, SamplingParams, generate
 from runtime.profiles import Profile
 
@@ -92,7 +92,9 @@ class FakeEngine:
 
     def get_tensor_dtype(self, name):
         return SimpleNamespace(
-            name={"float32": "FLOAT", "int64": "INT64"}[({**self.ins, **self.outs})[name]]
+            name={"float32": "FLOAT", "float16": "HALF", "int64": "INT64"}[
+                ({**self.ins, **self.outs})[name]
+            ]
         )
 
     def get_tensor_shape(self, name):
@@ -156,16 +158,16 @@ class KvEngine(FakeEngine):
             present[...] = pos.T[:, :, None, None]
 
 
-def kv_runner(mem):
+def kv_runner(mem, cache="float32"):
     """A ``TrtDecoderRunner`` on the fake KV engine, profiles for up to 16 positions."""
     ins = {
         "inputs_embeds": "float32",
         "attention_mask": "int64",
         "position_ids": "int64",
-        "past.0.key": "float32",
-        "past.0.value": "float32",
+        "past.0.key": cache,
+        "past.0.value": cache,
     }
-    outs = {"logits": "float32", "present.0.key": "float32", "present.0.value": "float32"}
+    outs = {"logits": "float32", "present.0.key": cache, "present.0.value": cache}
     engine = KvEngine(ins, outs, mem)
 
     def shapes(batch, seq, past):
@@ -243,22 +245,85 @@ def test_a_longer_context_grows_the_cache_once():
     assert mem.allocs[io_buffers:] == [2 * 8 * 8, 2 * 16 * 8] and mem.frees == [2 * 8 * 8]
 
 
+AGX_ORIN = {"name": "Orin", "compute_capability": "8.7", "sm_count": 16, "memory_gb": 30}
+ORIN_NANO = {"name": "Orin", "compute_capability": "8.7", "sm_count": 8, "memory_gb": 7}
+
+
 def test_build_info_mismatches_are_refused():
-    info = {"tensorrt": "10.3.0", "gpu": {"name": "Orin"}}
+    info = {"tensorrt": "10.3.0", "gpu": AGX_ORIN}
     entry = {
         "plan": "decoder.fp16.plan",
         "source_sha256": "abc",
         "source_onnx": "decoder.fp16.onnx",
     }
-    check_build_info(info, entry, "abc", "10.3.0", "Orin", "art", "decoder")
+    check_build_info(info, entry, "abc", "10.3.0", dict(AGX_ORIN), "art", "decoder")
+    rtx = {"name": "RTX", "compute_capability": "8.9", "sm_count": 76, "memory_gb": 16}
     for args, message in [
-        (("abc", "10.7.0", "Orin"), "TensorRT 10.3.0, this is 10.7.0"),
-        (("abc", "10.3.0", "RTX"), "built on Orin, this GPU is RTX"),
-        (("zzz", "10.3.0", "Orin"), "the export changed"),
+        (("abc", "10.7.0", AGX_ORIN), "TensorRT 10.3.0, this is 10.7.0"),
+        (("abc", "10.3.0", rtx), "built on Orin sm_87 16 SMs 30 GB, this GPU is RTX sm_89"),
+        (("zzz", "10.3.0", AGX_ORIN), "the export changed"),
     ]:
         with pytest.raises(EngineMismatchError, match=message) as exc:
             check_build_info(info, entry, *args, "art", "decoder")
         assert "fila build --artifacts art --stages decoder" in str(exc.value)
+
+
+def test_a_plan_built_on_an_agx_orin_is_refused_on_an_orin_nano():
+    """Both call themselves "Orin": compute capability, SM count and memory tell them apart."""
+    info = {"tensorrt": "10.3.0", "gpu": AGX_ORIN}
+    entry = {"plan": "vision.fp16.plan", "source_sha256": "abc", "source_onnx": "vision.fp16.onnx"}
+    with pytest.raises(
+        EngineMismatchError, match="16 SMs 30 GB, this GPU is Orin sm_87 8 SMs 7 GB"
+    ):
+        check_build_info(info, entry, "abc", "10.3.0", ORIN_NANO, "art", "vision")
+    old = {"tensorrt": "10.3.0", "gpu": {"name": "Orin"}}  # a record from before: by name
+    check_build_info(old, entry, "abc", "10.3.0", ORIN_NANO, "art", "vision")
+
+
+class FailingEngine(DoublingEngine):
+    def create_execution_context(self):
+        ctx = super().create_execution_context()
+        ctx.execute_async_v3 = lambda stream: False  # TensorRT's way of saying it failed
+        return ctx
+
+
+def test_a_failing_execute_is_a_fila_error_not_a_stale_buffer():
+    mem = FakeMemory()
+    engine = FailingEngine({"x": "float32"}, {"y": "float32"}, mem)
+    runner = TrtRunner(engine, [Profile("all", {"x": ((1, 4), (2, 4), (8, 4))})], "vision", mem)
+    with pytest.raises(FilaError, match="TensorRT execute_async_v3 failed in stage vision"):
+        runner.infer({"x": np.ones((2, 4), np.float32)})
+
+
+def test_fp16_engine_gets_an_fp16_kv_cache():
+    mem = FakeMemory()
+    runner = kv_runner(mem, cache="float16")
+    io_buffers = len(mem.allocs)
+    runner.ensure_cache(1, 16, (1, 1, 2))
+    assert mem.allocs[io_buffers:] == [2 * 16 * 2 * 2]  # K/V x positions x row x 2 bytes
+    assert runner.dtypes["past.0.key"] == np.float16
+
+
+def test_engine_tensors_numpy_cannot_hold_are_refused_by_name():
+    from runtime.backends.tensorrt.runner import np_dtype
+
+    assert np_dtype(SimpleNamespace(name="HALF"), "s", "x") == np.float16
+    assert str(np_dtype(SimpleNamespace(name="BF16"), "s", "x")) == "bfloat16"
+    with pytest.raises(FilaError, match="stage decoder: engine tensor w is INT4"):
+        np_dtype(SimpleNamespace(name="INT4"), "decoder", "w")
+
+
+def test_max_batch_sizes_the_decoder_profiles(tiny_artifacts):
+    from runtime.manifest import Manifest
+    from runtime.profiles import stage_profiles
+
+    manifest = Manifest.load(tiny_artifacts)
+    assert manifest.stage("decoder")["axes"]["batch"]["max"] == 1  # fila export's default
+    for profile in stage_profiles(manifest, "decoder", max_batch=1):
+        assert {s[0] for s in profile.shapes["inputs_embeds"]} == {1}
+        assert {s[1] for s in profile.shapes["past.0.key"]} == {1}
+    capped = stage_profiles(manifest, "decoder", max_batch=4)  # never past the export's own max
+    assert {s[0] for s in capped[0].shapes["inputs_embeds"]} == {1}
 
 
 def test_engine_loader_finds_the_plan_by_stage_and_variant(tiny_artifacts, tmp_path):

@@ -25,6 +25,9 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--stages", nargs="+", help="only these stages (default: all)")
     p.add_argument("--max-context", type=int, help="decoder context (default: model's, <= 4096)")
+    p.add_argument(
+        "--max-batch", type=int, default=1, help="decoder batch the manifest's profiles allow"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_export)
 
@@ -40,6 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         stages=joined(args.stages),
         force=args.force,
         max_context=args.max_context,
+        max_batch=args.max_batch,
     )
     total = sum(
         v["export_seconds"] for s in manifest.stages.values() for v in s["variants"].values()

@@ -23,6 +23,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--precision", default="fp16", help=PRECISION_HELP)
     p.add_argument("--stages", nargs="+", help="default: vision, embed and TensorRT's decoder")
     p.add_argument("--workspace-mb", type=int)
+    p.add_argument(
+        "--max-batch", type=int, default=1, help="decoder batch the engine is built for (default 1)"
+    )
+    p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 layers (default: off)")
     p.add_argument("--timing-cache", help="timing cache file (read and updated)")
     p.add_argument(
         "--emit-trtexec",
@@ -65,18 +69,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     from fila_export.tensorrt import build
 
     stages = joined(args.stages) or None
+    cache = Path(args.timing_cache) if args.timing_cache else None
+    opts = build.BuildOptions(args.workspace_mb, cache, args.max_batch, args.tf32)
     if args.emit_trtexec:
-        script = build.trtexec_script(args.artifacts, args.precision, stages, args.workspace_mb)
+        script = build.trtexec_script(args.artifacts, args.precision, stages, opts)
         path = Path(args.emit_trtexec)
         path.write_text(script)
         path.chmod(0o755)
         print(f"wrote {path}: run it where trtexec is, from {args.artifacts}")
         return 0
     if args.record:
-        print(f"wrote {build.record_engines(args.artifacts, args.precision, stages)}")
+        print(f"wrote {build.record_engines(args.artifacts, args.precision, stages, opts)}")
         return 0
-    info = build.build_engines(
-        args.artifacts, args.precision, stages, args.workspace_mb, args.timing_cache
-    )
+    info = build.build_engines(args.artifacts, args.precision, stages, opts)
     print(f"engines and {info} written")
     return 0

@@ -54,6 +54,7 @@ def export_artifacts(
     force: bool = False,
     max_context: int | None = None,
     progress: bool = True,
+    max_batch: int = 1,
 ) -> Manifest:
     """Export every (or the chosen) stage of a checkpoint into ``out`` at each precision (the
     first is the export's base) and write its manifest."""
@@ -66,7 +67,7 @@ def export_artifacts(
     if bad or not precisions:
         raise ExportError(f"unknown precision(s) {bad}; export writes {' and '.join(PRECISIONS)}")
     model, config, store = open_model(checkpoint)
-    specs = stage_specs(config, max_context=max_context)
+    specs = stage_specs(config, max_context=max_context, max_batch=max_batch)
     names = select_stages(list(specs), stages)
     budget = parity_budget(model, names, store, precisions)
     if not force:

@@ -229,16 +229,24 @@ def export_values(spec: StageSpec) -> dict[str, int]:
     return values
 
 
+BATCH_TRACED = 64
+
+
 def dynamic_shapes(spec: StageSpec) -> tuple:
     """torch.export dynamic shapes of a ``GraphIO``'s arguments; the tile count is left for export
     to relate to the grid (tiles = 1 + rows * cols is not a linear expression it can state)."""
     from torch.export import Dim
 
+    def bounds(name: str, r) -> tuple[int, int]:
+        if name == "batch":  # the graph stays batch-dynamic; the manifest's max sizes engines
+            return 1, max(r.max, BATCH_TRACED)
+        return (0 if name == "past" else r.min), r.max
+
     dims = {
-        name: Dim(name.replace(".", "_"), min=r.min, max=r.max) for name, r in spec.axes.items()
+        name: Dim(name.replace(".", "_"), min=lo, max=hi)
+        for name, r in spec.axes.items()
+        for lo, hi in [bounds(name, r)]
     }
-    if "past" in dims:
-        dims["past"] = Dim("past", min=0, max=spec.axes["past"].max)
 
     def one(t: TensorSpec) -> dict:
         shape = {}

@@ -110,6 +110,7 @@ def export_stage(
     expected = [
         o.float().numpy() for o in (expected if isinstance(expected, tuple) else (expected,))
     ]
+    optimize_structure(program.model, tensors)
     place_weights(program.model.graph, tensors, weights, tied_keys(model))
     del tensors
     write_graph(program, spec, path, weights, fp16=dtype != torch.float32)
@@ -168,13 +169,30 @@ def place_weights(graph, tensors: dict, weights: WeightFile, tied: set[str]) -> 
             del graph.initializers[name]
 
 
-def write_graph(program, spec: StageSpec, path: Path, weights: WeightFile, fp16: bool) -> None:
-    """Optimize (weights stay where they are), name the axes, keep fp16 norms in fp32, save."""
-    import onnx_ir as ir
+def optimize_structure(model, tensors: dict) -> None:
+    """The onnxscript optimizer on the graph with its weights as unknown values: it folds the
+    graph's small constants and shape arithmetic but cannot fold (copy) a weight."""
+    import logging
+
     import onnxscript
 
-    with quiet():
-        onnxscript.optimizer.optimize(program.model)
+    for name, value in model.graph.initializers.items():
+        if name in tensors:
+            value.const_value = None
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # it notes every weight it cannot deduplicate
+    try:
+        with quiet():
+            onnxscript.optimizer.optimize(model)
+    finally:
+        logger.setLevel(level)
+
+
+def write_graph(program, spec: StageSpec, path: Path, weights: WeightFile, fp16: bool) -> None:
+    """Name the axes, keep fp16 norms in fp32, save (the weights are in their file already)."""
+    import onnx_ir as ir
+
     proto = ir.serde.serialize_model(program.model)
     rename_axes(proto, {t.name: list(t.shape) for t in [*spec.inputs, *spec.outputs]})
     if fp16:

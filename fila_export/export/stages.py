@@ -40,7 +40,7 @@ def decoder_axes(max_context: int, max_batch: int) -> dict[str, AxisRange]:
 
 
 def stage_specs(
-    config: FilaConfig, max_context: int | None = None, max_batch: int = 4
+    config: FilaConfig, max_context: int | None = None, max_batch: int = 1
 ) -> dict[str, StageSpec]:
     """Every stage of this model, in execution order (the modular vision chain first)."""
     max_context = max_context or min(config.max_position_embeddings, 4096)

@@ -13,6 +13,7 @@ import platform
 import shlex
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.backends.tensorrt.device import gpu_info, jetson_release
@@ -55,50 +56,56 @@ def polygraphy_profiles(profiles: Sequence[Profile]):
     return out
 
 
-def build_stage(
-    manifest: Manifest,
-    stage: str,
-    precision: str,
-    out_dir: Path,
-    workspace_mb: int | None = None,
-    timing_cache: Path | None = None,
-) -> dict:
-    """Build and serialize one stage's engine; returns its build_info entry."""
-    trt = import_tensorrt()
-    from polygraphy.backend.trt import (
-        CreateConfig,
-        EngineFromNetwork,
-        NetworkFromOnnxPath,
-        SaveEngine,
+@dataclass(frozen=True)
+class BuildOptions:
+    workspace_mb: int | None = None
+    timing_cache: Path | None = None
+    max_batch: int = 1  # the decoder's batch profile: buffers are sized for it on the board
+    tf32: bool = (
+        False  # TF32 for fp32 layers: faster on Ampere, fewer mantissa bits; off unless asked
     )
 
+
+def build_stage(
+    manifest: Manifest, stage: str, precision: str, out_dir: Path, opts: BuildOptions
+) -> dict:
+    """Build and serialize one stage's engine (only its serialized bytes are held, not a built
+    engine object besides); returns its build_info entry."""
+    trt = import_tensorrt()
+    from polygraphy.backend.common import SaveBytes
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+
     onnx_path = manifest.stage_path(stage, precision)
-    profiles = stage_profiles(manifest, stage)
+    profiles = stage_profiles(manifest, stage, opts.max_batch)
     strongly_typed = trt_major(trt.__version__) >= 10
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
-    config_kwargs = {"profiles": polygraphy_profiles(profiles)}
-    if workspace_mb:
-        config_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: workspace_mb << 20}
-    if timing_cache:
-        config_kwargs["load_timing_cache"] = str(timing_cache)
+    config_kwargs = {"profiles": polygraphy_profiles(profiles), "tf32": opts.tf32}
+    if opts.workspace_mb:
+        config_kwargs["memory_pool_limits"] = {
+            trt.MemoryPoolType.WORKSPACE: opts.workspace_mb << 20
+        }
+    if opts.timing_cache:
+        config_kwargs["load_timing_cache"] = str(opts.timing_cache)
     if not strongly_typed and precision == "fp16":  # TensorRT 8.x/9.x (JetPack 5): flags
         config_kwargs["fp16"] = True
     plan = out_dir / f"{stage}.{precision}.plan"
     t0 = time.perf_counter()
-    engine = EngineFromNetwork(
-        network,
-        config=CreateConfig(**config_kwargs),
-        save_timing_cache=str(timing_cache) if timing_cache else None,
+    cache = str(opts.timing_cache) if opts.timing_cache else None
+    serialized = EngineBytesFromNetwork(
+        network, config=CreateConfig(**config_kwargs), save_timing_cache=cache
     )
-    SaveEngine(engine, str(plan))()
+    SaveBytes(serialized, str(plan))()
     seconds = round(time.perf_counter() - t0, 2)
-    return engine_entry(manifest, stage, precision, plan) | {
+    return engine_entry(manifest, stage, precision, plan, profiles) | {
         "build_seconds": seconds,
         "strongly_typed": strongly_typed,
+        "tf32": opts.tf32,
     }
 
 
-def engine_entry(manifest: Manifest, stage: str, variant: str, plan: Path) -> dict:
+def engine_entry(
+    manifest: Manifest, stage: str, variant: str, plan: Path, profiles: list[Profile]
+) -> dict:
     """A plan's build_info.json entry: what it was built from and with which profiles."""
     return {
         "plan": plan.name,
@@ -106,7 +113,7 @@ def engine_entry(manifest: Manifest, stage: str, variant: str, plan: Path) -> di
         "precision": variant,
         "source_onnx": manifest.variant(stage, variant)["file"],
         "source_sha256": manifest.variant(stage, variant)["sha256"],
-        "profiles": [p.to_dict() for p in stage_profiles(manifest, stage)],
+        "profiles": [p.to_dict() for p in profiles],
         "engine_bytes": plan.stat().st_size,
         "plan_sha256": sha256_file(plan),
     }
@@ -127,11 +134,11 @@ def build_engines(
     artifacts: str | Path,
     precision: str = "fp16",
     stages: Sequence[str] | None = None,
-    workspace_mb: int | None = None,
-    timing_cache: str | Path | None = None,
+    opts: BuildOptions | None = None,
     progress: bool = True,
 ) -> Path:
     """``fila build``: engines/<stage>.<precision>.plan + engines/build_info.json."""
+    opts = opts or BuildOptions()
     from tqdm import tqdm
 
     trt = import_tensorrt()
@@ -142,9 +149,8 @@ def build_engines(
     info_path = out_dir / BUILD_INFO
     info = json.loads(info_path.read_text()) if info_path.is_file() else {"engines": {}}
     info.update(machine_record(trt, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
-    cache = Path(timing_cache) if timing_cache else None
     for name, variant in tqdm(plan, desc="build", unit="engine", disable=not progress):
-        entry = build_stage(manifest, name, variant, out_dir, workspace_mb, cache)
+        entry = build_stage(manifest, name, variant, out_dir, opts)
         info["engines"][f"{name}.{variant}"] = entry
         info_path.write_text(json.dumps(info, indent=2))
     return info_path
@@ -180,13 +186,14 @@ def trtexec_script(
     artifacts: str | Path,
     precision: str = "fp16",
     stages: Sequence[str] | None = None,
-    workspace_mb: int | None = None,
+    opts: BuildOptions | None = None,
 ) -> str:
     """A shell script of trtexec commands equivalent to ``fila build`` (shapes from the manifest).
 
     trtexec takes one profile per --minShapes/--optShapes/--maxShapes group, in order, so the
     engines have the same profiles as ours and load in the runtime the same way.
     """
+    opts = opts or BuildOptions()
     manifest = Manifest.load(artifacts)
     lines = [
         "#!/usr/bin/env bash",
@@ -204,22 +211,27 @@ def trtexec_script(
             f"--saveEngine={ENGINE_DIR}/{name}.{variant}.plan",
             "--stronglyTyped",
             "--skipInference",
+            *([] if opts.tf32 else ["--noTF32"]),
         ]
-        for p in stage_profiles(manifest, name):
+        profiles = stage_profiles(manifest, name, opts.max_batch)
+        for p in profiles:
             args += [
                 f"--minShapes={shape_arg(p.shapes, 0)}",
                 f"--optShapes={shape_arg(p.shapes, 1)}",
                 f"--maxShapes={shape_arg(p.shapes, 2)}",
             ]
-        if workspace_mb:
-            args.append(f"--memPoolSize=workspace:{workspace_mb}M")
-        lines.append(f"# {name} ({variant}): {len(stage_profiles(manifest, name))} profile(s)")
+        if opts.workspace_mb:
+            args.append(f"--memPoolSize=workspace:{opts.workspace_mb}M")
+        lines.append(f"# {name} ({variant}): {len(profiles)} profile(s)")
         lines.append('"$TRTEXEC" ' + " \\\n    ".join(shlex.quote(a) for a in args))
     return "\n".join(lines) + "\n"
 
 
 def record_engines(
-    artifacts: str | Path, precision: str = "fp16", stages: Sequence[str] | None = None
+    artifacts: str | Path,
+    precision: str = "fp16",
+    stages: Sequence[str] | None = None,
+    opts: BuildOptions | None = None,
 ) -> Path:
     """Write build_info.json for plans built elsewhere (the trtexec script) on this machine."""
     trt = import_tensorrt()
@@ -230,7 +242,8 @@ def record_engines(
         plan = out_dir / f"{name}.{variant}.plan"
         if not plan.is_file():
             raise FilaError(f"{plan} not found; run the trtexec script first")
-        info["engines"][f"{name}.{variant}"] = engine_entry(manifest, name, variant, plan)
+        profiles = stage_profiles(manifest, name, (opts or BuildOptions()).max_batch)
+        info["engines"][f"{name}.{variant}"] = engine_entry(manifest, name, variant, plan, profiles)
     path = out_dir / BUILD_INFO
     path.write_text(json.dumps(info, indent=2))
     return path

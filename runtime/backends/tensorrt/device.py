@@ -23,7 +23,34 @@ def gpu_info() -> dict:
     if int(err) != 0:
         raise FilaError(f"no CUDA GPU found (cudaGetDeviceProperties(0) returned {err})")
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
+    return {
+        "name": name.rstrip("\x00"),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "sm_count": int(props.multiProcessorCount),
+        "memory_gb": round(int(props.totalGlobalMem) / 2**30),
+    }
+
+
+IDENTITY = ("compute_capability", "sm_count", "memory_gb")
+
+
+def same_gpu(built: dict, here: dict) -> bool:
+    """Whether a plan built on ``built`` runs here: compute capability, SM count and memory
+    (an AGX Orin and an Orin Nano both call themselves "Orin"); by name for older records."""
+    if all(k in built and k in here for k in IDENTITY):
+        return all(built[k] == here[k] for k in IDENTITY)
+    return built.get("name") == here.get("name")
+
+
+def describe(gpu: dict) -> str:
+    parts = [gpu.get("name", "?")]
+    if "compute_capability" in gpu:
+        parts.append(f"sm_{gpu['compute_capability'].replace('.', '')}")
+    if "sm_count" in gpu:
+        parts.append(f"{gpu['sm_count']} SMs")
+    if "memory_gb" in gpu:
+        parts.append(f"{gpu['memory_gb']} GB")
+    return " ".join(parts)
 
 
 def jetson_release() -> str | None:

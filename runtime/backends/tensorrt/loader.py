@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.backends.tensorrt.device import gpu_info
+from runtime.backends.tensorrt.device import describe, gpu_info, same_gpu
 from runtime.errors import EngineMismatchError, FilaError
 from runtime.manifest import Manifest, safe_path
 from runtime.profiles import Profile, stage_profiles
@@ -22,7 +22,7 @@ def check_build_info(
     entry: dict,
     source_sha256: str,
     trt_version: str,
-    gpu_name: str | None,
+    gpu: dict | None,
     artifacts: Path,
     stage: str,
 ) -> None:
@@ -33,10 +33,10 @@ def check_build_info(
             f"{entry['plan']} was built with TensorRT {info.get('tensorrt')}, this is "
             f"{trt_version}; {fix}"
         )
-    built_on = info.get("gpu", {}).get("name")
-    if gpu_name is not None and built_on != gpu_name:
+    built_on = info.get("gpu", {})
+    if gpu is not None and not same_gpu(built_on, gpu):
         raise EngineMismatchError(
-            f"{entry['plan']} was built on {built_on}, this GPU is {gpu_name}; {fix}"
+            f"{entry['plan']} was built on {describe(built_on)}, this GPU is {describe(gpu)}; {fix}"
         )
     if entry.get("source_sha256") != source_sha256:
         raise EngineMismatchError(
@@ -92,6 +92,10 @@ class EngineLoader:
         return info, entry
 
     def profiles(self) -> list[Profile]:
+        """The profiles the plan was built with (build_info), else the manifest's."""
+        _, entry = self.entry()
+        if entry.get("profiles"):
+            return [Profile.from_dict(p) for p in entry["profiles"]]
         return stage_profiles(self.manifest, self.stage)
 
     def __call__(self):
@@ -99,7 +103,7 @@ class EngineLoader:
         info, entry = self.entry()
         art = self.manifest.folder
         source = self.manifest.variant(self.stage, self.variant)["sha256"]
-        check_build_info(info, entry, source, trt.__version__, gpu_info()["name"], art, self.stage)
+        check_build_info(info, entry, source, trt.__version__, gpu_info(), art, self.stage)
         plan = safe_path(art / ENGINE_DIR, entry["plan"])
         engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
             plan.read_bytes()

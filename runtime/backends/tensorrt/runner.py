@@ -34,7 +34,7 @@ class TrtRunner:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if _is_input(engine, n)]
         self.output_names = [n for n in names if not _is_input(engine, n)]
-        self.dtypes = {n: np.dtype(_np_dtype(engine.get_tensor_dtype(n))) for n in names}
+        self.dtypes = {n: np_dtype(engine.get_tensor_dtype(n), name, n) for n in names}
         self.inputs = [
             TensorMeta(n, str(self.dtypes[n]), tuple(engine.get_tensor_shape(n)))
             for n in self.input_names
@@ -62,19 +62,45 @@ class TrtRunner:
         for i, profile in enumerate(self.profiles):
             self._activate(i)
             for inp in self.input_names:
-                self.context.set_input_shape(inp, profile.shapes[inp][2])
+                self.check(
+                    self.context.set_input_shape(inp, profile.shapes[inp][2]),
+                    "set_input_shape",
+                    inp,
+                )
             best = max(best, int(np.prod([max(d, 0) for d in self.context.get_tensor_shape(name)])))
         return best
 
+    def check(self, ok, call: str, tensor: str = "") -> None:
+        """TensorRT reports failures as a False return (details in its logger): make each one a
+        FilaError naming the stage and the call, never a stale output buffer."""
+        if ok is False:
+            where = f" for {tensor}" if tensor else ""
+            raise FilaError(
+                f"TensorRT {call}{where} failed in stage {self.name} (its log says why); check the "
+                "engine matches this export (fila build) and the input shapes its profiles"
+            )
+
+    def bind(self, name: str, address: int) -> None:
+        self.check(self.context.set_tensor_address(name, address), "set_tensor_address", name)
+
+    def execute(self) -> None:
+        self.check(
+            self.context.execute_async_v3(getattr(self.memory, "stream", 0)), "execute_async_v3"
+        )
+
     def _activate(self, index: int) -> None:
         if self.active_profile != index:
-            self.context.set_optimization_profile_async(index, getattr(self.memory, "stream", 0))
+            stream = getattr(self.memory, "stream", 0)
+            self.check(
+                self.context.set_optimization_profile_async(index, stream),
+                "set_optimization_profile_async",
+            )
             self.active_profile = index
 
     def _prepare(self, shapes: dict[str, tuple]) -> None:
         self._activate(select_profile(self.profiles, shapes))
         for name, shape in shapes.items():
-            self.context.set_input_shape(name, tuple(shape))
+            self.check(self.context.set_input_shape(name, tuple(shape)), "set_input_shape", name)
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -82,13 +108,13 @@ class TrtRunner:
         for name in self.input_names:
             array = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
             self.memory.upload(self.buffers[name], array)
-            self.context.set_tensor_address(name, self.buffers[name])
+            self.bind(name, self.buffers[name])
         outputs = {}
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
             outputs[name] = np.empty(shape, dtype=self.dtypes[name])
-            self.context.set_tensor_address(name, self.buffers[name])
-        self.context.execute_async_v3(getattr(self.memory, "stream", 0))
+            self.bind(name, self.buffers[name])
+        self.execute()
         for name, array in outputs.items():
             self.memory.download(array, self.buffers[name])
         self.memory.synchronize()
@@ -157,16 +183,14 @@ class TrtDecoderRunner(TrtRunner):
             self.memory.upload(
                 self.buffers[name], np.ascontiguousarray(feeds[name], self.dtypes[name])
             )
-            self.context.set_tensor_address(name, self.buffers[name])
+            self.bind(name, self.buffers[name])
         for i in range(self.num_layers):
             for kv, tag in enumerate(("key", "value")):
-                self.context.set_tensor_address(f"past.{i}.{tag}", self.cache_address(i, kv, 0))
-                self.context.set_tensor_address(
-                    f"present.{i}.{tag}", self.cache_address(i, kv, past_len)
-                )
-        logits = np.empty(tuple(self.context.get_tensor_shape("logits")), np.float32)
-        self.context.set_tensor_address("logits", self.buffers["logits"])
-        self.context.execute_async_v3(getattr(self.memory, "stream", 0))
+                self.bind(f"past.{i}.{tag}", self.cache_address(i, kv, 0))
+                self.bind(f"present.{i}.{tag}", self.cache_address(i, kv, past_len))
+        logits = np.empty(tuple(self.context.get_tensor_shape("logits")), self.dtypes["logits"])
+        self.bind("logits", self.buffers["logits"])
+        self.execute()
         self.memory.download(logits, self.buffers["logits"])
         self.memory.synchronize()
         self.last_inference_time = time.perf_counter() - t0
@@ -178,18 +202,31 @@ def _is_input(engine, name: str) -> bool:
     return getattr(mode, "name", str(mode)).endswith("INPUT")
 
 
-def _np_dtype(trt_dtype) -> str:
+TRT_TO_NUMPY = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "INT8": "int8",
+    "UINT8": "uint8",
+}
+
+
+def np_dtype(trt_dtype, stage: str, tensor: str) -> np.dtype:
+    """The numpy type of an engine tensor; BF16 and FP8 through ml_dtypes; what numpy cannot hold
+    (INT4, FP4) is refused, naming the tensor."""
     name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1].upper()
-    return {
-        "FLOAT": "float32",
-        "HALF": "float16",
-        "INT32": "int32",
-        "INT64": "int64",
-        "BOOL": "bool",
-        "INT8": "int8",
-        "UINT8": "uint8",
-        "BF16": "float32",
-    }[name]
+    if name in TRT_TO_NUMPY:
+        return np.dtype(TRT_TO_NUMPY[name])
+    if name in ("BF16", "FP8"):
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16 if name == "BF16" else ml_dtypes.float8_e4m3fn)
+    raise FilaError(
+        f"stage {stage}: engine tensor {tensor} is {name}, which the runtime cannot feed or read "
+        "(it takes fp32, fp16, bf16, fp8 and integer I/O); keep such types inside the graph"
+    )
 
 
 def runner_for(loader, memory=None):
