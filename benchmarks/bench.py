@@ -28,6 +28,7 @@ from benchmarks.machine import (
 from benchmarks.stats import sample, summarize
 from benchmarks.targets import STAGE_GROUPS, decode_weight_bytes, runtime_target
 from fila_export.demo import PHOTOS
+from runtime import onnx_io
 from runtime.errors import FilaError
 from runtime.generate import DecoderShape
 from runtime.image_io import find_images
@@ -45,6 +46,7 @@ class BenchSettings:
     prompt: str
     answer_tokens: int
     threads: int | None
+    providers: tuple[str, ...] | None  # ONNX Runtime execution providers (None: CPU)
     warmup: int
     runs: int
     contexts: tuple[int, ...]
@@ -63,6 +65,7 @@ class BenchSettings:
             "decode_steps",
             "answer_tokens",
             "threads",
+            "providers",
             "min_seconds",
             "rounds",
         )
@@ -124,6 +127,8 @@ def column_result(rounds: list[dict], s: BenchSettings, weight_bytes: int) -> di
     }
     result["decode_weight_bytes"] = weight_bytes
     result["rounds"] = len(rounds)
+    if first["backend"] == "onnxruntime":  # what ran it: the CPU, or a GPU provider
+        result["providers"] = list(s.providers or ["cpu"])
     stages = {g: summarize(pooled(rounds, "stage_s", g)) for g in first["stage_s"]}
     result["stages"] = stages
     result["ttft_ms"] = sum(
@@ -203,16 +208,20 @@ def run_bench(
     decoders: Sequence[str] = ("auto",),
     min_seconds: float = 0.0,
     rounds: int = 5,
+    providers: Sequence[str] | None = None,
 ) -> dict:
     """``decoders``: which decoder graphs the onnxruntime backend runs (``auto``, ``gqa``,
     ``portable``; several give one column each). ``min_seconds``: each stage and decode context
     is sampled at least this long (more runs for short stages, for p50s that hold from run to
     run). ``rounds``: fresh processes per column, taking turns with the other columns; each p50
-    pools the samples of all of a column's rounds."""
+    pools the samples of all of a column's rounds. ``providers``: ONNX Runtime's execution
+    providers in order (cuda, tensorrt, cpu; default CPU)."""
     if rounds < 1:
         raise FilaError(f"--rounds must be at least 1 (got {rounds})")
     if "torch" in backends and checkpoint is None:
         raise FilaError("the torch baseline needs --checkpoint (or leave torch out of --backends)")
+    if providers and "onnxruntime" in backends:
+        onnx_io.choose_providers(providers)  # a provider this build lacks: said before measuring
     artifacts = Path(artifacts)
     manifest = Manifest.load(artifacts)
     max_ctx = min(manifest.stage(n)["axes"]["total"]["max"] for n in decoder_stages(manifest))
@@ -222,6 +231,7 @@ def run_bench(
         prompt=prompt,
         answer_tokens=answer_tokens,
         threads=threads,
+        providers=tuple(providers) if providers else None,
         warmup=warmup,
         runs=runs,
         decode_steps=decode_steps,
@@ -308,6 +318,7 @@ def bench_column(
             s.answer_tokens,
             s.threads,
             decoder,
+            s.providers,
         )
     result = measure_round(target, s)
     peak = peak_rss_bytes() / 2**20

@@ -10,10 +10,14 @@ from benchmarks.targets import STAGE_GROUPS
 
 
 def _label(r: dict) -> str:
-    """``backend precision``; ONNX Runtime on the portable decoder graph is marked as such (its
-    default is ``decoder_gqa``)."""
+    """``backend precision``; ONNX Runtime names its GPU providers (``onnxruntime on cuda``) and
+    the portable decoder graph (its default is ``decoder_gqa``)."""
     portable = r["backend"] == "onnxruntime" and r.get("decoder_stage") == "decoder"
-    return f"{r['backend']} {r['precision']}" + (" (portable decoder)" if portable else "")
+    gpu = [
+        p for p in r.get("providers", []) if p.lower().removesuffix("executionprovider") != "cpu"
+    ]
+    on = f" on {'+'.join(gpu)}" if gpu else ""
+    return f"{r['backend']}{on} {r['precision']}" + (" (portable decoder)" if portable else "")
 
 
 def _rss(r: dict) -> str:

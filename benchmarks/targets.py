@@ -6,6 +6,7 @@ ONNX Runtime and TensorRT share the runtime pipeline's code; PyTorch eager (the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,8 +58,12 @@ def runtime_target(
     answer_tokens: int,
     threads: int | None,
     decoder: str = "auto",
+    providers: Sequence[str] | None = None,
 ) -> Target:
-    opts = {"threads": threads} if threads and backend == "onnxruntime" else {}
+    opts = {}
+    if backend == "onnxruntime":
+        opts = {"threads": threads} if threads else {}
+        opts |= {"providers": list(providers)} if providers else {}
     fused = FilaPipeline.from_artifacts(
         artifacts, backend=backend, precision=precision, decoder=decoder, **opts
     )

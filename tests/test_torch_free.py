@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_fila
 
 BLOCKER = """
 import sys
@@ -94,12 +94,23 @@ def test_fila_bench_onnxruntime_without_torch(fila_without_torch, tiny_artifacts
         "2",
         "--rounds",
         "1",
+        "--providers",
+        "cpu",
         "--out",
         str(out),
     )
     assert r.returncode == 0, r.stderr
     data = json.loads((out / "results.json").read_text())
     assert [x["backend"] for x in data["results"]] == ["onnxruntime"]
+    assert data["results"][0]["providers"] == ["cpu"]
+
+
+def test_fila_bench_names_a_provider_this_onnxruntime_lacks(tiny_artifacts, tmp_path):
+    args = ["bench", "--artifacts", str(tiny_artifacts), "--backends", "onnxruntime"]
+    r = run_fila(*args, "--providers", "cuda", "--rounds", "1", "--out", str(tmp_path / "b"))
+    assert r.returncode == 1
+    assert "CUDAExecutionProvider" in r.stderr and "onnxruntime-gpu" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_check_trt_and_verify_without_torch(fila_without_torch, tiny_artifacts):
@@ -107,3 +118,50 @@ def test_check_trt_and_verify_without_torch(fila_without_torch, tiny_artifacts):
     assert r.returncode == 0, r.stderr
     r = fila_without_torch("verify", str(tiny_artifacts))
     assert r.returncode == 0, r.stderr
+
+
+def test_validate_against_a_recorded_reference_without_torch(
+    fila_without_torch, tiny_artifacts, tiny_checkpoint, tmp_path
+):
+    import shutil
+
+    import onnx
+
+    from fila_export.cli import main
+    from runtime.manifest import Manifest, sha256_file
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifacts, art)
+    args = ["--artifacts", str(art), "--max-images", "1", "--tokens", "4"]
+    assert main(["validate", "--record", "--checkpoint", str(tiny_checkpoint), *args]) == 0
+    files = Manifest.load(art).data["files"]
+    assert {"reference.arrays", "reference.info", "reference.image.0"} <= set(files)
+
+    report_path = tmp_path / "report.json"
+    r = fila_without_torch("validate", "--reference", *args[:2], "--json", str(report_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(report_path.read_text())
+    checked = {s["stage"] for s in report["stages"]}
+    assert {"vision", "projector", "embed", "decoder", "decoder_gqa"} <= checked
+    assert report["tokens_compared"] > 0 and report["first_divergence"] is None
+
+    # an export that went wrong after recording (GELU's erf became a tanh; manifest re-hashed)
+    path = art / "projector.onnx"
+    graph = onnx.load(path, load_external_data=False)
+    next(n for n in graph.graph.node if n.op_type == "Erf").op_type = "Tanh"
+    onnx.save(graph, path)
+    manifest = Manifest.load(art)
+    manifest.stage("projector")["variants"]["fp32"]["sha256"] = sha256_file(path)
+    manifest.save()
+    r = fila_without_torch("validate", "--reference", *args[:2])
+    assert r.returncode == 1
+    failed = [line for line in r.stdout.splitlines() if line.endswith("| FAIL |")]
+    assert [line.split("|")[1].strip() for line in failed] == ["projector"]
+
+
+def test_validate_reference_without_a_recording_says_how_to_make_one(
+    fila_without_torch, tiny_artifacts
+):
+    r = fila_without_torch("validate", "--reference", "--artifacts", str(tiny_artifacts))
+    assert r.returncode == 1
+    assert "fila validate --record" in r.stderr and "Traceback" not in r.stderr

@@ -24,6 +24,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime")
     p.add_argument(
+        "--providers",
+        help="ONNX Runtime execution providers in order, e.g. cuda,cpu or tensorrt,cuda,cpu "
+        "(default: cpu; on a Jetson needs onnxruntime-gpu)",
+    )
+    p.add_argument(
         "--min-seconds",
         type=float,
         default=0.0,
@@ -75,6 +80,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         decoders=split_list(args.decoders),
         min_seconds=args.min_seconds,
         rounds=args.rounds,
+        providers=split_list(args.providers) if args.providers else None,
     )
     out["command"] = "fila " + " ".join(sys.argv[1:])
     paths = bench.save(out, args.out)

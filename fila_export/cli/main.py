@@ -6,10 +6,21 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fila_export.cli import bench, calibrate, export, model, plan, run, tensorrt, validate, verify
+from fila_export.cli import (
+    bench,
+    calibrate,
+    doctor,
+    export,
+    model,
+    plan,
+    run,
+    tensorrt,
+    validate,
+    verify,
+)
 from runtime.errors import FilaError
 
-VERBS = (model, export, validate, calibrate, tensorrt, run, bench, plan, verify)
+VERBS = (model, export, validate, calibrate, tensorrt, run, bench, plan, verify, doctor)
 # a module a verb needs -> the extra that installs it
 EXTRAS = {
     "torch": "export",
@@ -19,12 +30,17 @@ EXTRAS = {
     "onnxscript": "export",
     "safetensors": "export",
     "onnx": "export",
-    "onnxruntime": "runtime",
+    "onnxruntime": "cpu",  # a Jetson: onnxruntime-gpu from NVIDIA's index (README, On a Jetson)
     "tokenizers": "runtime",
     "polygraphy": "trt",
     "cuda": "trt",
+    "tensorrt": "trt",
     "matplotlib": "dev",
     "psutil": "dev",
+}
+HINTS = {
+    "onnxruntime": " (on a Jetson: onnxruntime-gpu from NVIDIA's Jetson index instead)",
+    "tensorrt": " (on a Jetson: apt's python3-libnvinfer, in a venv made with --system-site-packages)",
 }
 
 
@@ -46,7 +62,7 @@ def missing_extra(args: argparse.Namespace, exc: ModuleNotFoundError) -> str | N
         return None
     return (
         f"fila {args.command} needs {root}, which is not installed here; install it with "
-        f"pip install 'fila-deploy[{EXTRAS[root]}]'"
+        f"pip install 'fila-deploy[{EXTRAS[root]}]'" + (HINTS.get(root, ""))
     )
 
 

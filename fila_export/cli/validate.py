@@ -8,12 +8,24 @@ import json
 from pathlib import Path
 
 from fila_export.cli.common import PRECISION_HELP, split_list
+from runtime.errors import FilaError
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("validate", help="per-stage and end-to-end parity against PyTorch")
     p.add_argument("--artifacts", required=True)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="the PyTorch checkpoint (not with --reference)")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="store PyTorch's stage outputs and greedy tokens in ARTIFACTS/reference/ for "
+        "--reference",
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="validate against the recorded reference instead of PyTorch (no torch needed)",
+    )
     p.add_argument("--images", help="folder of real images (default: the demo's photos)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     p.add_argument("--precision", help=PRECISION_HELP + " (default: the export's base)")
@@ -32,9 +44,19 @@ def add_parsers(sub) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    if args.reference:
+        return validate_reference(args)
+    if not args.checkpoint:
+        raise FilaError(
+            "fila validate needs --checkpoint (the PyTorch model), or --reference to compare "
+            "with what fila validate --record stored next to the export"
+        )
+    if args.record:
+        return record(args)
     if args.questions:
         return validate_answers(args)
-    from fila_export.validation.parity import validate, write_json
+    from fila_export.validation.parity import validate
+    from runtime.parity import write_json
 
     report = validate(
         args.artifacts,
@@ -45,6 +67,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         max_images=args.max_images,
     )
+    print(report.markdown())
+    if args.json:
+        write_json(report, args.json)
+    return 0 if report.passed else 1
+
+
+def record(args: argparse.Namespace) -> int:
+    from fila_export.validation.record import record_reference
+
+    folder = record_reference(
+        args.artifacts, args.checkpoint, args.images, args.tokens, args.max_images
+    )
+    print(f"recorded the PyTorch reference in {folder}: fila validate --reference checks it")
+    return 0
+
+
+def validate_reference(args: argparse.Namespace) -> int:
+    """``fila validate --reference``: parity against the recorded bundle, torch not needed."""
+    from runtime.parity import write_json
+    from runtime.reference import check_reference
+
+    report = check_reference(args.artifacts, backend=args.backend, precision=args.precision)
     print(report.markdown())
     if args.json:
         write_json(report, args.json)

@@ -101,6 +101,7 @@ class DecoderStage(nn.Module):
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
+            logits_to_keep=1,  # the head on the last position only (prefill: not seq x vocab)
         )
         seq = inputs_embeds.shape[1]
         present = []

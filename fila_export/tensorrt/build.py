@@ -17,31 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.backends.tensorrt.device import gpu_info, jetson_release
-from runtime.backends.tensorrt.loader import BUILD_INFO, ENGINE_DIR
+from runtime.backends.tensorrt.loader import BUILD_INFO, ENGINE_DIR, import_tensorrt
 from runtime.errors import FilaError
 from runtime.manifest import Manifest, sha256_file
 from runtime.profiles import Profile, stage_profiles
 from runtime.variants import choose_decoder, precision_spec
 
 
-class TensorRTUnavailable(FilaError):
-    """TensorRT or a CUDA GPU is not present here."""
-
-
 def trt_major(version: str) -> int:
     return int(version.split(".")[0])
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise TensorRTUnavailable(
-            "TensorRT is not installed: on Jetson it comes with JetPack (python3-libnvinfer); "
-            "elsewhere install the tensorrt wheel for your CUDA. `fila check-trt` and "
-            "`fila build --emit-trtexec` work without it"
-        ) from exc
-    return trt
 
 
 def polygraphy_profiles(profiles: Sequence[Profile]):

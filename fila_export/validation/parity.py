@@ -7,12 +7,8 @@ compared (``runtime.compare``), then greedy generation is compared token by toke
 
 from __future__ import annotations
 
-import gc
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fila_export.demo import PHOTOS
@@ -20,79 +16,23 @@ from fila_export.export.modules import DecoderStage, TorchStages
 from fila_export.export.stages import stage_specs, vision_chain
 from fila_export.model.checkpoint import load_checkpoint
 from fila_export.model.reference import ReferencePipeline
-from runtime.backends import load_runner
-from runtime.compare import TOLERANCES, Comparison, compare, token_agreement, tolerance
+from runtime.compare import token_agreement
 from runtime.generate import DecoderShape
 from runtime.image_io import find_images
 from runtime.manifest import Manifest
+from runtime.parity import PROMPT, StageChecker, ValidationReport
 from runtime.pipeline import FilaPipeline
 from runtime.preprocess import PreprocessedImage
 from runtime.prompt import PromptBuilder
-from runtime.variants import precision_spec
 from runtime.vision import image_feeds, walk_chain
-
-PROMPT = "Describe the image."
-
-
-@dataclass
-class StageResult:
-    stage: str
-    precision: str
-    max_abs: float
-    rel_l2: float
-    cosine: float
-    tolerance: float
-    passed: bool
-
-
-@dataclass
-class ValidationReport:
-    backend: str
-    precision: str = "fp32"
-    stages: list[StageResult] = field(default_factory=list)
-    tokens_compared: int = 0
-    tokens_equal: int = 0
-    first_divergence: int | None = None
-    images: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        # Exact greedy agreement is required of fp32; lower precisions report it (their accuracy
-        # gate is the per-stage tolerance and the calibration report).
-        exact = self.first_divergence is None or self.precision != "fp32"
-        return all(s.passed for s in self.stages) and exact
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"passed": self.passed, "tolerances_rel_l2": TOLERANCES}
-
-    def markdown(self) -> str:
-        lines = [
-            f"# Validation ({self.backend}) on {len(self.images)} image(s)",
-            "",
-            "| stage | precision | max abs | rel L2 | cosine | tolerance (rel L2) | result |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for s in self.stages:
-            lines.append(
-                f"| {s.stage} | {s.precision} | {s.max_abs:.2e} | {s.rel_l2:.2e} | "
-                f"{s.cosine:.6f} | {s.tolerance:.0e} | {'pass' if s.passed else 'FAIL'} |"
-            )
-        div = "none" if self.first_divergence is None else str(self.first_divergence)
-        lines += [
-            "",
-            f"Greedy tokens: {self.tokens_equal}/{self.tokens_compared} equal, "
-            f"first divergence: {div}",
-            "",
-            f"**{'PASS' if self.passed else 'FAIL'}**",
-        ]
-        return "\n".join(lines)
 
 
 def stage_feeds(
-    stages: TorchStages, image: PreprocessedImage, ids: list[int]
+    stages: TorchStages, image: PreprocessedImage, ids: list[int], window: int | None = None
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Inputs of every stage for one image and prompt, produced by the PyTorch reference: the
-    vision chain walked stage by stage, the prompt's embeddings, a decode step after a prefill."""
+    vision chain walked stage by stage, the prompt's embeddings, a decode step after a prefill
+    (of the whole prompt, or of its last ``window`` positions: a recorded bundle stays small)."""
     model = stages.model
     pixels = {k: torch.from_numpy(v) for k, v in image_feeds(image).items()}
     feeds: dict[str, dict] = {"vision": pixels}
@@ -102,7 +42,7 @@ def stage_feeds(
     feeds["embed"] = {"input_ids": input_ids}
     with torch.no_grad():
         embeds = model.embed(input_ids, [model.encode_image(image)])
-    feeds["decoder"] = decoder_feeds(model, embeds)
+    feeds["decoder"] = decoder_feeds(model, embeds[:, -window:] if window else embeds)
     feeds["decoder_gqa"] = gqa_decoder_feeds(feeds["decoder"])
     return feeds
 
@@ -147,64 +87,15 @@ def gqa_decoder_feeds(portable: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return feeds
 
 
-def worst_output(want: dict, got: dict) -> Comparison:
-    """The output of a stage furthest from the reference (by relative L2)."""
-    results = [compare(np.asarray(want[name]), got[name]) for name in want]
-    return max(results, key=lambda c: c.rel_l2)
-
-
-class StageChecker:
-    """Runs each stage of an export on the reference's feeds and keeps its worst comparison."""
-
-    def __init__(self, manifest: Manifest, backend: str, precision: str, **options) -> None:
-        self.manifest, self.backend, self.options = manifest, backend, options
-        self.spec = precision_spec(manifest, precision)
-        self.runners: dict[tuple[str, str], object] = {}
-        self.results: dict[tuple[str, str], list[Comparison]] = {}
-        self.engines = None
-        if backend == "tensorrt":  # only what was built can be checked
-            from runtime.backends.tensorrt.loader import built_engines
-
-            self.engines = built_engines(manifest)
-
-    def variant(self, name: str) -> str | None:
-        """The variant to check, or None when the stage is not exported, not this backend's, or
-        (TensorRT) not built."""
-        if name not in self.manifest.stages or not self.manifest.spec(name).runs_on(self.backend):
-            return None
-        variant = self.spec.variant(name, self.manifest.variants_for(name, self.backend))
-        if self.engines is not None and (name, variant) not in self.engines:
-            return None
-        return variant
-
-    def check(self, name: str, feeds: dict, want: dict) -> None:
-        variant = self.variant(name)
-        if variant is None:
-            return
-        key = (name, variant)
-        if key not in self.runners:
-            self.runners[key] = load_runner(
-                self.backend, self.manifest, name, variant, **self.options
-            )
-        got = self.runners[key].infer({k: v.numpy() for k, v in feeds.items()})
-        self.results.setdefault(key, []).append(worst_output(want, got))
-
-    def stage_results(self) -> list[StageResult]:
-        out = []
-        for (name, variant), results in self.results.items():
-            worst = max(results, key=lambda c: c.rel_l2)
-            tol = tolerance(variant)
-            out.append(
-                StageResult(name, variant, *asdict(worst).values(), tol, worst.rel_l2 <= tol)
-            )
-        return out
-
-    def close(self) -> None:
-        """Free every stage session before a pipeline loads its own (peak memory)."""
-        for runner in self.runners.values():
-            runner.close()
-        self.runners.clear()
-        gc.collect()
+def reference_side(
+    artifacts: str | Path, checkpoint: str | Path, images: str | Path | None, max_images: int
+) -> tuple[Manifest, list[Path], ReferencePipeline, TorchStages]:
+    """The export's manifest, the images to check, and the PyTorch pipeline and stages."""
+    manifest = Manifest.load(artifacts)
+    model, _ = load_checkpoint(checkpoint)
+    paths = find_images(images or PHOTOS)[:max_images]
+    ref = ReferencePipeline(model, PromptBuilder.from_folder(checkpoint))
+    return manifest, paths, ref, TorchStages(model, stage_specs(model.config))
 
 
 def validate(
@@ -216,19 +107,15 @@ def validate(
     tokens: int = 32,
     max_images: int = 3,
 ) -> ValidationReport:
-    manifest = Manifest.load(artifacts)
-    model, _ = load_checkpoint(checkpoint)
-    paths = find_images(images or PHOTOS)[:max_images]
-    ref = ReferencePipeline(model, PromptBuilder.from_folder(checkpoint))
+    manifest, paths, ref, stages = reference_side(artifacts, checkpoint, images, max_images)
     checker = StageChecker(manifest, backend, precision)
     report = ValidationReport(backend, checker.spec.text, images=[str(p) for p in paths])
-    stages = TorchStages(model, stage_specs(model.config))
-    for path in paths:
+    for i, path in enumerate(paths):
         image = ref.preprocess([path])[0]
         _, ids = ref.prompts.request_ids(PROMPT, [image.num_tokens])
         for name, feeds in stage_feeds(stages, image, ids).items():
             if checker.variant(name) is not None:
-                checker.check(name, feeds, stages(name, feeds))
+                checker.check(name, feeds, stages(name, feeds), last=i == len(paths) - 1)
     report.stages = checker.stage_results()
     checker.close()
     pipe = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision)
@@ -239,7 +126,3 @@ def validate(
     report.tokens_compared, report.tokens_equal = agreement.compared, agreement.equal
     report.first_divergence = agreement.first_divergence
     return report
-
-
-def write_json(report: ValidationReport, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report.to_dict(), indent=2))

@@ -18,9 +18,12 @@ class SessionLoader:
     threads: int | None = None
     level: str = "all"
     cache_dir: Path | None = None  # where to keep ONNX Runtime's optimized graph, if anywhere
+    prepack: bool = True  # False: MatMul weights are not copied into packed buffers (memory)
 
     def __call__(self):
         cache = None
         if self.cache_dir is not None:
             cache = Path(self.cache_dir) / f"{Path(self.path).stem}.ort-optimized.onnx"
-        return onnx_io.session(self.path, self.threads, self.providers, self.level, cache)
+        return onnx_io.session(
+            self.path, self.threads, self.providers, self.level, cache, prepack=self.prepack
+        )

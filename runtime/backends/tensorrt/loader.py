@@ -54,13 +54,19 @@ def built_engines(manifest: Manifest) -> set[tuple[str, str]]:
     return {(e["stage"], e["precision"]) for e in engines.values()}
 
 
+class TensorRTUnavailable(FilaError):
+    """TensorRT's Python bindings do not import here."""
+
+
 def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise FilaError(
-            "the tensorrt backend needs TensorRT (JetPack's python3-libnvinfer; elsewhere the "
-            "tensorrt wheel for your CUDA)"
+        raise TensorRTUnavailable(
+            "TensorRT is not installed: on a Jetson it comes with JetPack (apt's "
+            "python3-libnvinfer; a venv sees it only when made with --system-site-packages); "
+            "elsewhere install the tensorrt wheel for your CUDA. `fila check-trt` and "
+            "`fila build --emit-trtexec` work without it"
         ) from exc
     return trt
 

@@ -7,6 +7,14 @@ import numpy as np
 
 from runtime.errors import FilaError
 
+CUDA_HINTS = {
+    "cudaErrorInsufficientDriver": "no NVIDIA driver, or one older than this cuda-python's CUDA "
+    "(on JetPack 6: pip install 'cuda-python>=12.6,<13'); run fila doctor",
+    "cudaErrorNoDevice": "no CUDA GPU is visible to this process; run fila doctor",
+    "cudaErrorMemoryAllocation": "out of GPU memory: fila plan shows what fits (precision, "
+    "context, tiles)",
+}
+
 
 class CudaMemory:
     def __init__(self) -> None:
@@ -20,7 +28,9 @@ class CudaMemory:
     def _check(self, result):
         err, *rest = result if isinstance(result, tuple) else (result,)
         if int(err) != 0:
-            raise FilaError(f"CUDA error {err}")
+            name = getattr(err, "name", str(err))
+            hint = CUDA_HINTS.get(name, "run fila doctor to check the CUDA stack")
+            raise FilaError(f"CUDA error {name} ({int(err)}): {hint}")
         return rest[0] if rest else None
 
     def alloc(self, nbytes: int) -> int:
