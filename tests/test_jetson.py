@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.machine import power_summary
 from runtime.jetson import PowerError, l4t_release, parse_tegrastats
 
 LINES = Path(__file__).parent / "fixtures" / "tegrastats"
@@ -26,6 +27,17 @@ def test_agx_orin_power_is_the_sum_of_its_three_module_rails():
     assert sample.module == "AGX Orin"
     assert sample.board_mw == 14213.0 + 1989.0 + 4226.0  # VDDQ_VDD2_1V8AO is not added
     assert sample.gr3d_pct == 95.0
+
+
+@pytest.mark.parametrize(
+    ("board", "hand_summed_mw"),
+    [("orin-nano", 7123.0), ("orin-nx", 12840.0), ("agx-orin", 14213.0 + 1989.0 + 4226.0)],
+)
+def test_board_power_and_energy_per_token_are_the_hand_summed_rails(board, hand_summed_mw):
+    summary = power_summary([line(board)] * 3, seconds=2.0, tokens=40)
+    assert summary["avg_power_w"] == pytest.approx(hand_summed_mw / 1000)
+    assert summary["joules_per_token"] == pytest.approx(hand_summed_mw / 1000 * 2.0 / 40)
+    assert summary["joules_per_token"] > 0
 
 
 def test_unknown_rails_are_an_error_naming_what_was_found_never_zero_watts():
