@@ -324,6 +324,7 @@ def bench_column(
     peak = peak_rss_bytes() / 2**20
     return result | {
         "peak_rss_mb": peak,
+        "threads_used": target.threads_used,
         "rss_at_start_mb": rss_at_start,
         "peak_rss_scope": "process" if math.isnan(rss_at_start) else "target",
         "allocator_env": {k: os.environ.get(k) for k in STEADY_MALLOC_ENV},

@@ -33,6 +33,86 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# ISA features that change which kernels ONNX Runtime, MLAS and PyTorch run (x86 flags, ARM
+# Features), as /proc/cpuinfo names them.
+ISA_FEATURES = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "bf16",
+    "sve",
+    "sve2",
+)
+CPUINFO_FIELDS = {
+    "vendor_id": "vendor",
+    "CPU implementer": "vendor",
+    "cpu family": "family",
+    "CPU architecture": "family",
+    "model": "model",
+    "CPU part": "model",
+    "stepping": "stepping",
+    "CPU variant": "stepping",
+}
+
+
+def cpu_identity(cpuinfo: str | None = None, cache_root: Path | None = None) -> dict:
+    """Vendor, family/model/stepping, the ISA features of ``ISA_FEATURES`` it has, and cache
+    sizes: what tells two CPUs with the same marketing name apart for kernel speed."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    first = cpuinfo.split("\n\n")[0]
+    out: dict = {"model_name": None, "features": []}
+    for line in first.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key in CPUINFO_FIELDS:
+            out.setdefault(CPUINFO_FIELDS[key], value)
+        elif key == "model name":
+            out["model_name"] = value
+        elif key in ("flags", "Features"):
+            have = set(value.split())
+            out["features"] = [f for f in ISA_FEATURES if f in have]
+    out["caches"] = cache_sizes(cache_root or Path("/sys/devices/system/cpu/cpu0/cache"))
+    return out
+
+
+def cache_sizes(root: Path) -> dict[str, str]:
+    """``{"L1d": "48K", "L2": "1024K", ...}`` of one core, from sysfs (empty where absent)."""
+    sizes = {}
+    for index in sorted(root.glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        sizes[f"L{level}{suffix}"] = size
+    return sizes
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two results' machines are the same kind of CPU (identity, cores, features)."""
+    keys = ("vendor", "family", "model", "stepping", "model_name", "features")
+    ida, idb = a.get("cpu_identity") or {}, b.get("cpu_identity") or {}
+    if not ida or not idb:  # an older result: the marketing name is all there is
+        return a.get("cpu") == b.get("cpu") and a.get("cores") == b.get("cores")
+    same = all(ida.get(k) == idb.get(k) for k in keys)
+    return same and a.get("cores") == b.get("cores")
+
+
 def memory_bytes() -> int:
     """Physical memory of this machine."""
     try:
@@ -44,6 +124,7 @@ def memory_bytes() -> int:
 def machine_info() -> dict:
     info = {
         "cpu": cpu_model(),
+        "cpu_identity": cpu_identity(),
         "cores": os.cpu_count(),
         "memory_gb": round(memory_bytes() / 2**30, 1),
         "python": platform.python_version(),

@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+from benchmarks.machine import same_machine
 from benchmarks.targets import STAGE_GROUPS
 
 
@@ -18,6 +19,25 @@ def _label(r: dict) -> str:
     ]
     on = f" on {'+'.join(gpu)}" if gpu else ""
     return f"{r['backend']}{on} {r['precision']}" + (" (portable decoder)" if portable else "")
+
+
+def cpu_line(m: dict) -> str:
+    """The CPU's identity: what decides which kernels ran (results without it say so)."""
+    ident = m.get("cpu_identity")
+    if not ident:
+        return "CPU identity: not recorded (a result from before it was)."
+    where = "/".join(str(ident.get(k, "?")) for k in ("family", "model", "stepping"))
+    caches = ", ".join(f"{k} {v}" for k, v in ident.get("caches", {}).items())
+    features = " ".join(ident.get("features", [])) or "none of the listed"
+    return (
+        f"CPU: {ident.get('vendor', '?')} family/model/stepping {where}; ISA: {features}; "
+        f"caches: {caches or 'unknown'}."
+    )
+
+
+def _speedup(r: dict) -> str:
+    value = r.get("speedup_vs_torch", {}).get("end_to_end")
+    return "- (no torch column)" if value is None else f"{value:.2f}x"
 
 
 def _rss(r: dict) -> str:
@@ -41,6 +61,7 @@ def markdown(out: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; GPU: {m['gpu'] or 'none'}; "
         f"measured memory bandwidth {m['measured_bandwidth_gb_s']:.1f} GB/s. "
         f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items() if v)}.",
+        cpu_line(m),
         f"Settings: {out['settings']}. Image: `{Path(out['image']).name}`.",
         "",
         "## Per-stage latency, p50 ms (p90 / p99)",
@@ -66,9 +87,8 @@ def markdown(out: dict) -> str:
         "end-to-end p50 (ms, fixed answer)": lambda r: (
             f"{r['end_to_end']['p50_ms']:.1f} ({r['end_to_end']['answer_tokens']} tok)"
         ),
-        "speed-up vs torch (end to end)": lambda r: (
-            f"{r.get('speedup_vs_torch', {}).get('end_to_end', float('nan')):.2f}x"
-        ),
+        "speed-up vs torch (end to end)": _speedup,
+        "threads (read back)": lambda r: str(r.get("threads_used") or "-"),
         "peak RSS (MB; + over the RSS before loading)": _rss,
         "RSS after loading / vision / prefill (MB)": _memory,
         "decode weights read per token (MB)": lambda r: f"{r['decode_weight_bytes'] / 2**20:.0f}",
@@ -177,12 +197,18 @@ def compare(a_path: str | Path, b_path: str | Path, tolerance: float = 0.10) -> 
         rows.append(
             (_label(r), "end_to_end", base["end_to_end"]["p50_ms"], r["end_to_end"]["p50_ms"])
         )
-    lines = [
-        f"# {b_path} vs {a_path} (ratio of p50 ms, B/A)",
-        "",
-        "| target | stage | A ms | B ms | B/A |",
-        "|---|---|---|---|---|",
-    ]
+    lines = [f"# {b_path} vs {a_path} (ratio of p50 ms, B/A)", ""]
+    ma, mb = a.get("machine", {}), b.get("machine", {})
+    apart_machines = not same_machine(ma, mb)
+    if apart_machines:
+        lines += [
+            f"**Different machines**: A ran on {ma.get('cpu')} ({ma.get('cores')} cores, "
+            f"{cpu_line(ma)}), B on {mb.get('cpu')} ({mb.get('cores')} cores, {cpu_line(mb)}). "
+            "The ratios compare the machines; they are "
+            "not a drift of one machine.",
+            "",
+        ]
+    lines += ["| target | stage | A ms | B ms | B/A |", "|---|---|---|---|---|"]
     lines += [f"| {t} | {g} | {x:.2f} | {y:.2f} | {y / x:.3f} |" for t, g, x, y in rows]
     if rows:
         change = [(abs(y / x - 1), t, g) for t, g, x, y in rows]
@@ -198,7 +224,9 @@ def compare(a_path: str | Path, b_path: str | Path, tolerance: float = 0.10) -> 
         drift = statistics.median(y / x for _, _, x, y in rows)
         apart = max(abs(y / x / drift - 1) for _, _, x, y in rows)
         lines.append(
-            f"median B/A {drift:.3f} (the whole run's drift); every figure within "
+            f"median B/A {drift:.3f} "
+            + ("(the machines' ratio); " if apart_machines else "(the whole run's drift); ")
+            + "every figure within "
             f"{apart:.1%} of that median"
         )
     return "\n".join(lines) + "\n"

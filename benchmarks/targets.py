@@ -6,6 +6,7 @@ ONNX Runtime and TensorRT share the runtime pipeline's code; PyTorch eager (the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,17 @@ class Target:
     sizes: dict = field(default_factory=dict)
     decoder_stage: str = "decoder"  # which decoder graph ran (decoder_gqa on ONNX Runtime)
     memory_mb: dict = field(default_factory=dict)  # RSS after loading, vision, prefill
+    threads_used: int | None = None  # intra-op threads, read back from the session / torch
+
+
+def session_threads(runner) -> int | None:
+    """The intra-op threads an ONNX Runtime session was made with (0: one per core), or None
+    for a backend without a thread pool setting (TensorRT)."""
+    session = getattr(runner, "session", None)
+    if session is None or not hasattr(session, "get_session_options"):
+        return None
+    threads = session.get_session_options().intra_op_num_threads
+    return threads or os.cpu_count()
 
 
 def stage_group(name: str) -> str:
@@ -77,6 +89,7 @@ def runtime_target(
     image = load_image(image_path)
     pre = preprocess(image, cfg)
     t = Target(backend, precision, decoder_stage=fused.decoder_stage)
+    t.threads_used = session_threads(fused.runners[fused.decoder_stage])
     t.memory_mb["loaded"] = rss_mb()  # the fused pipeline and the modular chain's stages
     t.stages["preprocess"] = [lambda: preprocess(image, cfg)]
     t.stages["vision"] = [lambda: fused.run_vision(pre)]

@@ -37,6 +37,7 @@ def torch_target(
     image = load_image(image_path)
     pre = preprocess(image, cfg)
     t = Target("torch", "fp32", decoder_stage="pytorch")
+    t.threads_used = torch.get_num_threads()
     t.stages["preprocess"] = [lambda: preprocess(image, cfg)]
     t.stages["vision"] = [no_grad(lambda: model.encode_image(pre))]
     stages = TorchStages(model, stage_specs(model.config))

@@ -173,7 +173,8 @@ class Decoder:
             self.logits[...] = self.runner.run_step(feeds, self.length, seq)
         elif hasattr(self.runner, "infer_into"):
             feeds.update(self.cache.past())
-            self.runner.infer_into(feeds, {"logits": self.logits, **self.cache.slots(seq)})
+            outputs = {"logits": self.logits, **self.cache.slots(seq)}
+            self.runner.infer_into(feeds, outputs, release=seq > 1)
         else:
             feeds.update(self.cache.past())
             out = self.runner.infer(feeds)
@@ -197,7 +198,8 @@ class Decoder:
             **self.cache.buffers("past"),
         }
         if hasattr(self.runner, "infer_into"):
-            self.runner.infer_into(feeds, {"logits": self.logits, **self.cache.buffers("present")})
+            outputs = {"logits": self.logits, **self.cache.buffers("present")}
+            self.runner.infer_into(feeds, outputs, release=seq > 1)
         else:
             out = self.runner.infer(feeds)
             for name, buffer in self.cache.buffers("present").items():
@@ -221,6 +223,31 @@ class Decoder:
         self.mask[:, :seq] = attention_mask
         positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
         self.next_position = positions[:, -1] + 1
+        return self._run(embeds, positions)
+
+    @property
+    def capacity(self) -> int:
+        return self.mask.shape[1]
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions (a shared prefix another prompt reuses); the rest
+        is overwritten by the next run."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot keep {length} of {self.length} cached positions")
+        if self.on_device:
+            raise FilaError("the device KV cache cannot be reused; run a fresh prefill")
+        self.mask[:, length:] = 0
+        self.length = length
+        self.next_position[:] = length
+        self.cache.length = length
+
+    def extend(self, embeds: np.ndarray) -> np.ndarray:
+        """Run (B, n, D) embeddings after the cached positions (unpadded rows): a prompt whose
+        first ``length`` positions are already cached. Returns next-token logits (B, V)."""
+        seq = embeds.shape[1]
+        self.mask[:, self.length : self.length + seq] = 1
+        positions = self.length + np.arange(seq, dtype=np.int64)[None].repeat(embeds.shape[0], 0)
+        self.next_position[:] = self.length + seq
         return self._run(embeds, positions)
 
     def decode_one_token(self, embeds: np.ndarray) -> np.ndarray:
@@ -282,12 +309,14 @@ def generate(
     stop_strings: Sequence[str] = (),
     decode_text: Callable[[list[int]], str] | None = None,
     on_text: Callable[[str], None] | None = None,
+    cached: int = 0,
 ) -> GenerationOutput:
     """Prefill, then decode token by token until EOS, a stop string or ``max_new_tokens``.
 
     ``embed`` maps (B, 1) token ids to (B, 1, D) embeddings; streaming (``on_text``) and stop
     strings need ``decode_text`` and follow row 0. Pass no ``eos_ids`` to ignore EOS (a fixed
-    answer length, as benchmarks and accuracy reports compare).
+    answer length, as benchmarks and accuracy reports compare). ``cached``: the decoder already
+    holds the prompt's first ``cached`` positions (a reused prefix): only the rest is run.
     """
     check_max_new_tokens(max_new_tokens)
     rng = np.random.default_rng(params.seed)
@@ -296,7 +325,11 @@ def generate(
     done = np.zeros(batch, dtype=bool)
     streamer = TextStreamer(decode_text, on_text) if decode_text else None
     t0 = time.perf_counter()
-    logits = decoder.prefill(prompt_embeds, attention_mask)
+    if cached:
+        decoder.truncate(cached)
+        logits = decoder.extend(prompt_embeds[:, cached:])
+    else:
+        logits = decoder.prefill(prompt_embeds, attention_mask)
     first_logits = logits.copy()
     ttft = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -23,10 +23,40 @@ from runtime.manifest import Manifest
 from runtime.memory import peak_rss_bytes
 from runtime.preprocess import PreprocessedImage, preprocess
 from runtime.prompt import PromptBuilder
+from runtime.reuse import Reuse, content_key, position_keys
 from runtime.variants import PrecisionSpec, choose_decoder, precision_spec
 from runtime.vision import VisionEncoder, pack
 
 VISION_MODES = ("fused", "modular")
+REUSE_HEADROOM = 1024  # positions a reusable decoder keeps beyond its first request
+
+
+@dataclass
+class ImageFeatures:
+    """One image of a request: packed features (num_tokens, D) once encoded, its content key,
+    and the time spent (zero when they came from a cache)."""
+
+    packed: np.ndarray | None  # None until ``FilaPipeline.encode`` has run vision
+    key: str = ""
+    preprocess_s: float = 0.0
+    vision_s: float = 0.0
+    image: PreprocessedImage | None = None  # kept only until encoded
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.packed) if self.packed is not None else self.image.num_tokens
+
+
+@dataclass
+class Request:
+    """A prompt as ids (``ids``: image placeholders expanded) with its encoded images."""
+
+    prompt_ids: list[int]
+    ids: list[int]
+    features: list[ImageFeatures]
+    max_new_tokens: int = 64
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -172,6 +202,30 @@ class FilaPipeline:
                 "smaller image"
             )
 
+    def image_features(self, source, reuse: Reuse | None = None) -> ImageFeatures:
+        """One image preprocessed (its token count known), or its packed features straight
+        from the feature cache when ``reuse`` has one holding this content; ``encode`` runs
+        the vision stages on the rest (after the context is checked)."""
+        cache = reuse.features if reuse is not None else None
+        key = content_key(source) if cache is not None else ""
+        if cache is not None and (found := cache.get(key)) is not None:
+            return ImageFeatures(found, key)
+        t0 = time.perf_counter()
+        image = self.preprocess(source)
+        return ImageFeatures(None, key, time.perf_counter() - t0, image=image)
+
+    def encode(self, features: Sequence[ImageFeatures], reuse: Reuse | None = None) -> None:
+        """Run vision for the images not taken from the cache, and cache their features."""
+        cache = reuse.features if reuse is not None else None
+        for f in features:
+            if f.packed is not None:
+                continue
+            t0 = time.perf_counter()
+            f.packed = pack(self.run_vision(f.image), f.image, self.newline)
+            f.vision_s, f.image = time.perf_counter() - t0, None
+            if cache is not None:
+                cache.put(f.key, f.packed)
+
     def generate(
         self,
         images,
@@ -183,50 +237,85 @@ class FilaPipeline:
         history: Sequence[tuple[str, str]] = (),
         on_text: Callable[[str], None] | None = None,
         ignore_eos: bool = False,
+        reuse: Reuse | None = None,
         **sampling_options,
     ) -> GenerationResult:
         """Answer ``prompt`` about one image (path, bytes, PIL image, array) or a list of them.
         Sampling comes as ``sampling`` or as its fields (``temperature=0.7, top_p=0.9, ...``);
-        ``ignore_eos`` generates exactly ``max_new_tokens`` (benchmarks, accuracy reports)."""
+        ``ignore_eos`` generates exactly ``max_new_tokens`` (benchmarks, accuracy reports);
+        ``reuse`` (``runtime.reuse.Reuse``) skips images and prompt prefixes seen before."""
         params = sampling or SamplingParams(**sampling_options)
         check_max_new_tokens(max_new_tokens)
         sources = list(images) if isinstance(images, list | tuple) else [images]
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        loaded = [self.preprocess(im) for im in sources]
-        timings["preprocess_s"] = time.perf_counter() - t0
+        features = [self.image_features(im, reuse) for im in sources]
         prompt_ids, ids = self.prompts.request_ids(
-            prompt, [im.num_tokens for im in loaded], raw=raw_prompt, history=history
+            prompt, [f.num_tokens for f in features], raw=raw_prompt, history=history
         )
-        self.check_context(len(ids), max_new_tokens)
+        request = Request(prompt_ids, ids, features, max_new_tokens, params, tuple(stop))
+        return self.answer(request, on_text, ignore_eos, reuse)
+
+    def answer(
+        self,
+        request: Request,
+        on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
+        reuse: Reuse | None = None,
+    ) -> GenerationResult:
+        """Prefill (only after the longest cached prefix, with ``reuse``) and decode one
+        request whose images are already encoded."""
+        ids, features = request.ids, request.features
+        self.check_context(len(ids), request.max_new_tokens)  # before any model runs
+        self.encode(features, reuse)
+        timings = {
+            "preprocess_s": sum(f.preprocess_s for f in features),
+            "vision_s": sum(f.vision_s for f in features),
+        }
         t0 = time.perf_counter()
-        features = [self.run_vision(im) for im in loaded]
-        timings["vision_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        embeds = self.prompt_embeds(ids, loaded, features)
+        embeds = self.embed(np.asarray([ids], dtype=np.int64))
+        if features:
+            embeds[0, np.asarray(ids) == self.image_token_id] = np.concatenate(
+                [f.packed for f in features]
+            )
         timings["embed_s"] = time.perf_counter() - t0
+        prefixes = reuse.prefixes if reuse is not None and self.backend != "tensorrt" else None
+        keys = position_keys(
+            ids, self.image_token_id, [f.key for f in features], [len(f.packed) for f in features]
+        )
+        need = len(ids) + request.max_new_tokens
+        decoder, cached = prefixes.take(keys, need) if prefixes else (None, 0)
+        decoder = decoder or self.new_decoder(need if prefixes is None else self.room(need))
         out = generate(
-            self.new_decoder(len(ids) + max_new_tokens),
+            decoder,
             self.embed,
             embeds,
             np.ones((1, len(ids)), dtype=np.int64),
-            max_new_tokens,
-            params,
+            request.max_new_tokens,
+            request.sampling,
             () if ignore_eos else self.eos_ids,
-            stop,
+            request.stop,
             self.prompts.decode,
             on_text,
+            cached=cached,
         )
-        before = timings["preprocess_s"] + timings["vision_s"] + timings["embed_s"]
+        if prefixes is not None:
+            prefixes.put(keys + out.token_ids[0], decoder)
+        before = sum(timings.values())
         timings |= {
             "ttft_s": before + out.ttft_s,
             "prefill_s": out.ttft_s,
             "decode_s": out.decode_s,
             "decode_tokens_per_s": out.decode_tokens_per_s,
+            "cached_positions": cached,
         }
-        result = GenerationResult(out.texts[0], out.token_ids[0], prompt_ids, timings, self.backend)
+        result = GenerationResult(
+            out.texts[0], out.token_ids[0], request.prompt_ids, timings, self.backend
+        )
         result.peak_rss_mb = peak_rss_bytes() / 2**20
         return result
+
+    def room(self, need: int) -> int:
+        """A reusable decoder's length: room for a few more turns, within the context."""
+        return min(self.max_context, need + REUSE_HEADROOM)
 
     def close(self) -> None:
         """Release every runner (sessions, engines, device buffers and caches)."""

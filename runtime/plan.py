@@ -41,10 +41,29 @@ BOARDS = {
     "agx-orin-32gb": Board("Jetson AGX Orin 32 GB", 30.6, 2.8),
     "agx-orin-64gb": Board("Jetson AGX Orin 64 GB", 62.8, 2.8),
 }
-# Fitted on this machine's ONNX Runtime CPU runs (tiny, small, edge; fp32 and w4).
-RUNTIME_BYTES = 110 * MB  # python, numpy, Pillow, onnxruntime, tokenizers and session overheads
+# Fitted on this machine's ONNX Runtime CPU runs (tiny, small, edge; fp32 and w4): see
+# ``benchmarks/README.md`` ("Memory plan") for the figures and the command.
+RUNTIME_BYTES = 95 * MB  # python, numpy, Pillow, onnxruntime, tokenizers and session overheads
 CUDA_CONTEXT_BYTES = 400 * MB  # a CUDA context and TensorRT's runtime on a Jetson (estimate)
-VISION_ARENA = 1.0  # ONNX Runtime's arena over the largest live vision tensors
+# Resident bytes per byte of graph weights on ONNX Runtime's CPU provider, measured per session
+# (``edge`` and ``small``): an fp16 graph keeps its fp16 data and the fp32 copies its kernels
+# run on (vision 2.7x, decoder 2.1x); MatMulNBits (w4/w8) keeps its weights beside the prepacked
+# copy (~2x); fp32 vision convolutions are prepacked too (1.6x); a full-precision embedding table
+# stays memory-mapped and only the gathered rows are read (~0); a block-quantized one is loaded.
+ORT_CPU_HELD = {
+    ("vision", "fp16"): 2.7,
+    ("vision", "fp32"): 1.6,
+    ("vision", "quantized"): 1.6,
+    ("decoder", "fp16"): 2.1,
+    ("decoder", "fp32"): 1.0,
+    ("decoder", "quantized"): 2.0,
+    ("embed", "fp16"): 0.1,
+    ("embed", "fp32"): 0.1,
+    ("embed", "quantized"): 1.3,
+}
+# Live activations over the formula's largest tensors: an fp16 vision graph on ONNX Runtime's CPU
+# provider holds each activation in fp16 and in fp32 (the casts around its kernels).
+VISION_ARENA = {"fp16": 2.7}
 PREFILL_ARENA = 1.0
 
 
@@ -53,6 +72,7 @@ class Term:
     name: str
     bytes: float
     note: str = ""
+    transient: bool = False  # activations given back after their phase: only the largest counts
 
 
 @dataclass
@@ -63,7 +83,10 @@ class MemoryPlan:
 
     @property
     def total(self) -> float:
-        return sum(t.bytes for t in self.terms)
+        """Everything held, plus the largest of the phases' activations (vision and prefill run
+        one after the other, each giving its memory back)."""
+        held = sum(t.bytes for t in self.terms if not t.transient)
+        return held + max((t.bytes for t in self.terms if t.transient), default=0.0)
 
     @property
     def fits(self) -> bool | None:
@@ -71,7 +94,9 @@ class MemoryPlan:
 
     def table(self) -> str:
         lines = ["| term | MB | how |", "|---|---|---|"]
-        lines += [f"| {t.name} | {t.bytes / MB:,.0f} | {t.note} |" for t in self.terms]
+        for t in self.terms:
+            note = t.note + ("; the larger activation term counts" if t.transient else "")
+            lines.append(f"| {t.name} | {t.bytes / MB:,.0f} | {note} |")
         lines.append(f"| **peak** | **{self.total / MB:,.0f}** | |")
         return "\n".join(lines)
 
@@ -81,10 +106,15 @@ def stage_weights(manifest: Manifest, stage: str, variant: str, backend: str) ->
     path = manifest.stage_path(stage, variant)
     size = onnx_io.graph_bytes(path)
     note = f"{path.name}"
-    if backend == "onnxruntime" and variant == "fp16":
-        size *= 2
-        note += ", held as fp32 by ONNX Runtime's CPU provider"
+    if backend == "onnxruntime":
+        key = (stage_group(stage), variant if variant in ("fp16", "fp32") else "quantized")
+        size *= ORT_CPU_HELD[key]
+        note += f", x{ORT_CPU_HELD[key]} as ONNX Runtime's CPU provider holds {key[1]} {key[0]}"
     return Term(f"weights: {stage} ({variant})", size, note)
+
+
+def stage_group(stage: str) -> str:
+    return "embed" if stage == "embed" else "decoder" if stage.startswith("decoder") else "vision"
 
 
 def kv_cache(manifest: Manifest, decoder_variant: str, context: int) -> Term:
@@ -96,7 +126,9 @@ def kv_cache(manifest: Manifest, decoder_variant: str, context: int) -> Term:
     )
 
 
-def vision_activations(manifest: Manifest, max_tiles: int | None) -> Term:
+def vision_activations(
+    manifest: Manifest, max_tiles: int | None, variant: str = "fp32", backend: str = "onnxruntime"
+) -> Term:
     """ViT on every tile (MLP and attention scores of one layer live at once) and ConvNeXt's
     first stage map (with its 4x MLP) over the global view, fp32."""
     model, pre = manifest.model, manifest.preprocess
@@ -115,15 +147,17 @@ def vision_activations(manifest: Manifest, max_tiles: int | None) -> Term:
     if pre.global_tile_size:
         side = (pre.global_tile_size // 4) ** 2 * rows * cols
         conv = 5 * model["convnext"]["dims"][0] * side * 4
-    size = VISION_ARENA * (vit + conv)
-    return Term("vision activations", size, f"{rows}x{cols} grid, {tiles} tiles")
+    factor = VISION_ARENA.get(variant, 1.0) if backend == "onnxruntime" else 1.0
+    size = factor * (vit + conv)
+    return Term("vision activations", size, f"{rows}x{cols} grid, {tiles} tiles", transient=True)
 
 
 def prefill_activations(manifest: Manifest, context: int) -> Term:
     text = manifest.model["text"]
     mlp = context * (text["intermediate_size"] * 3 + text["hidden_size"] * 6) * 4
     scores = text["num_attention_heads"] * context * context * 4
-    return Term("prefill activations", PREFILL_ARENA * (mlp + scores), f"{context} tokens at once")
+    size = PREFILL_ARENA * (mlp + scores)
+    return Term("prefill activations", size, f"{context} tokens at once", transient=True)
 
 
 def plan_memory(
@@ -148,7 +182,7 @@ def plan_memory(
         variants[stage] = spec.variant(stage, manifest.variants_for(stage, backend))
         plan.terms.append(stage_weights(manifest, stage, variants[stage], backend))
     plan.terms.append(kv_cache(manifest, variants[decoder_stage], context))
-    plan.terms.append(vision_activations(manifest, max_tiles))
+    plan.terms.append(vision_activations(manifest, max_tiles, variants["vision"], backend))
     plan.terms.append(prefill_activations(manifest, context))
     return plan
 

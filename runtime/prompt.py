@@ -84,7 +84,8 @@ class PromptBuilder:
         history: Sequence[tuple[str, str]] = (),
     ) -> str:
         """The text the model sees. ``raw`` keeps the prompt verbatim (placeholder put first when
-        absent); otherwise the chat template wraps it, with one placeholder per image first."""
+        absent); otherwise the chat template wraps the conversation (``history``: earlier
+        (question, answer) turns), and images without a placeholder open its first question."""
         if not prompt or not prompt.strip():
             raise PromptError("the prompt is empty; give a question or instruction")
         if raw:
@@ -95,17 +96,12 @@ class PromptBuilder:
                 "the tokenizer files carry no chat_template; use --raw-prompt or add one to "
                 "tokenizer_config.json"
             )
-        content = prompt
-        if self.image_token not in prompt:
-            content = (self.image_token + "\n") * num_images + prompt
-        messages = []
-        for user, assistant in history:
-            messages += [
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": assistant},
-            ]
-        messages.append({"role": "user", "content": content})
-        return self.render(messages)
+        turns = [text for pair in history for text in pair] + [prompt]
+        missing = num_images - sum(t.count(self.image_token) for t in turns[::2])
+        if missing > 0:  # the images open the conversation (LLaVA's multi-turn form)
+            turns[0] = (self.image_token + "\n") * missing + turns[0]
+        roles = ["user", "assistant"] * len(history) + ["user"]
+        return self.render([{"role": r, "content": t} for r, t in zip(roles, turns, strict=True)])
 
     def render(self, messages: list[dict]) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -126,6 +122,16 @@ class PromptBuilder:
         prompt_ids = self.encode(
             self.format(prompt, num_images=len(image_tokens), raw=raw, history=history)
         )
+        return prompt_ids, expand_image_tokens(prompt_ids, self.image_token_id, image_tokens)
+
+    def chat_ids(
+        self, messages: list[dict], image_tokens: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        """``request_ids`` for a whole conversation whose messages already hold one placeholder
+        per image (a chat-completions request)."""
+        if self.chat_template is None:
+            raise PromptError("the tokenizer files carry no chat_template; add one to serve chats")
+        prompt_ids = self.encode(self.render(messages))
         return prompt_ids, expand_image_tokens(prompt_ids, self.image_token_id, image_tokens)
 
     def encode(self, text: str) -> list[int]:

@@ -288,6 +288,7 @@ def test_chat_multi_turn(tiny_artifacts):
         stdin="What is it?\nAnd the colour?\n\n",
     )
     assert r.returncode == 0, r.stderr
+    assert "error" not in r.stderr  # the second turn (image in the first question) answers too
     assert len([line for line in r.stdout.splitlines() if line.strip()]) >= 2
 
 

@@ -50,7 +50,38 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--out", default="benchmarks/results/latest")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
+    load = p.add_argument_group("load on a running fila serve")
+    load.add_argument("--serve", metavar="URL", help="e.g. http://127.0.0.1:8000 (this machine)")
+    load.add_argument("--concurrency", default="1,2,4,8", help="streams at once, per level")
+    load.add_argument("--requests", type=int, default=32, help="requests per level")
+    load.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request")
+    load.add_argument("--malformed-every", type=int, default=0, help="every k-th malformed")
     p.set_defaults(func=cmd_bench)
+
+
+def cmd_serve_load(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from benchmarks import serve_load
+
+    try:
+        levels = [int(c) for c in split_list(args.concurrency)]
+    except ValueError as exc:
+        raise FilaError(f"--concurrency takes whole numbers, e.g. 1,2,4 ({exc})") from exc
+    if args.requests < 1 or min(levels) < 1:
+        raise FilaError("--requests and every --concurrency level must be at least 1")
+    out = serve_load.run_load(
+        args.serve, levels, args.requests, args.max_tokens, args.malformed_every
+    )
+    out["command"] = "fila " + " ".join(sys.argv[1:])
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "serve_load.json").write_text(json.dumps(out, indent=2))
+    table = serve_load.markdown(out["levels"])
+    (folder / "serve_load.md").write_text(f"`{out['command']}`\n\n{table}\n")
+    print(table)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -59,6 +90,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.compare:
         print(report.compare(*args.compare))
         return 0
+    if args.serve:
+        return cmd_serve_load(args)
     if not args.artifacts:
         raise FilaError("fila bench needs --artifacts (or --compare A.json B.json)")
     try:

@@ -14,13 +14,14 @@ from fila_export.cli import (
     model,
     plan,
     run,
+    serve,
     tensorrt,
     validate,
     verify,
 )
 from runtime.errors import FilaError
 
-VERBS = (model, export, validate, calibrate, tensorrt, run, bench, plan, verify, doctor)
+VERBS = (model, export, validate, calibrate, tensorrt, run, serve, bench, plan, verify, doctor)
 # a module a verb needs -> the extra that installs it
 EXTRAS = {
     "torch": "export",
@@ -37,6 +38,9 @@ EXTRAS = {
     "tensorrt": "trt",
     "matplotlib": "dev",
     "psutil": "dev",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
 }
 HINTS = {
     "onnxruntime": " (on a Jetson: onnxruntime-gpu from NVIDIA's Jetson index instead)",

@@ -58,9 +58,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Multi-turn session on one image: each turn sees the earlier questions and answers."""
     from runtime.errors import FilaError
+    from runtime.reuse import Reuse
 
     params = sampling(args)
     pipe = load_pipeline(args)
+    reuse = Reuse()  # the image is encoded once; each turn prefills only what is new
     history: list[tuple[str, str]] = []
     print("fila chat: type a question, an empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -78,13 +80,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 sampling=params,
                 history=history,
                 on_text=lambda p: print(p, end="", flush=True),
+                reuse=reuse,
             )
         except FilaError as exc:  # keep the session alive: report and take the next question
             print(f"error: {exc}", file=sys.stderr)
             continue
         print()
-        if not history:
-            question = "<image>\n" + question
         history.append((question, result.text))
     pipe.close()
     return 0

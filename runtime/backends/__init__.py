@@ -6,12 +6,17 @@ from __future__ import annotations
 
 from runtime.errors import FilaError
 
+# Stages run at every generated token keep ONNX Runtime's CPU arena (same shapes each step); the
+# vision stages run once per image, and an arena would keep their activations' peak for good.
+PER_TOKEN_STAGES = ("embed", "decoder", "decoder_gqa")
+
 
 def load_runner(backend: str, manifest, stage: str, variant: str, **options):
     """A runner for one variant of one stage of an export."""
     if backend == "onnxruntime":
         from runtime.backends.onnxruntime import OrtRunner, SessionLoader
 
+        options.setdefault("arena", stage in PER_TOKEN_STAGES)
         loader = SessionLoader(manifest.stage_path(stage, variant), **options)
         return OrtRunner(loader, name=stage)
     if backend == "tensorrt":

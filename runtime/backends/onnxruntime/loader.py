@@ -19,11 +19,18 @@ class SessionLoader:
     level: str = "all"
     cache_dir: Path | None = None  # where to keep ONNX Runtime's optimized graph, if anywhere
     prepack: bool = True  # False: MatMul weights are not copied into packed buffers (memory)
+    arena: bool = True  # False: activations freed after each run (graphs run once per image)
 
     def __call__(self):
         cache = None
         if self.cache_dir is not None:
             cache = Path(self.cache_dir) / f"{Path(self.path).stem}.ort-optimized.onnx"
         return onnx_io.session(
-            self.path, self.threads, self.providers, self.level, cache, prepack=self.prepack
+            self.path,
+            self.threads,
+            self.providers,
+            self.level,
+            cache,
+            prepack=self.prepack,
+            arena=self.arena,
         )

@@ -33,21 +33,33 @@ class OrtRunner:
         self.last_inference_time = time.perf_counter() - t0
         return {meta.name: value for meta, value in zip(self.outputs, values, strict=True)}
 
-    def infer_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    def infer_into(
+        self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray], release: bool = False
+    ) -> None:
         """Run with IO binding: inputs are read from, and outputs written straight into, the given
-        (contiguous) arrays, so no tensor is copied through Python (the decoder's KV cache)."""
+        (contiguous) arrays, so no tensor is copied through Python (the decoder's KV cache).
+        ``release``: shrink the CPU arena after this run (a prefill: its activations are far
+        larger than a decode step's, and the arena would otherwise keep them)."""
         binding = self.session.io_binding()
         for name, array in feeds.items():
             _bind(binding.bind_input, name, array)
         for name, array in outputs.items():
             _bind(binding.bind_output, name, array)
         t0 = time.perf_counter()
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, _shrink_arena() if release else None)
         self.last_inference_time = time.perf_counter() - t0
 
     def close(self) -> None:
         """Drop the session (its weights and arenas go with it)."""
         self.session = None
+
+
+def _shrink_arena():
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 def _bind(bind, name: str, array: np.ndarray) -> None:
