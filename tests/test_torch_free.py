@@ -165,3 +165,48 @@ def test_validate_reference_without_a_recording_says_how_to_make_one(
     r = fila_without_torch("validate", "--reference", "--artifacts", str(tiny_artifacts))
     assert r.returncode == 1
     assert "fila validate --record" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fila_serve_without_torch(tmp_path, tiny_artifacts):
+    """The server process answers a chat completion with torch unimportable, then stops."""
+    import base64
+    import socket
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "fila_export.cli", "serve", "--artifacts", str(tiny_artifacts)]
+    cmd += ["--port", str(port), "--model-name", "tiny"]
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "fila serve did not start"
+                time.sleep(0.5)
+        image = "data:image/jpeg;base64," + base64.b64encode(open(PHOTO, "rb").read()).decode()
+        content = [{"type": "image_url", "image_url": {"url": image}}]
+        content.append({"type": "text", "text": "What is it?"})
+        body = {
+            "model": "tiny",
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": content}],
+        }
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
