@@ -310,6 +310,7 @@ def generate(
     decode_text: Callable[[list[int]], str] | None = None,
     on_text: Callable[[str], None] | None = None,
     cached: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GenerationOutput:
     """Prefill, then decode token by token until EOS, a stop string or ``max_new_tokens``.
 
@@ -317,6 +318,7 @@ def generate(
     strings need ``decode_text`` and follow row 0. Pass no ``eos_ids`` to ignore EOS (a fixed
     answer length, as benchmarks and accuracy reports compare). ``cached``: the decoder already
     holds the prompt's first ``cached`` positions (a reused prefix): only the rest is run.
+    ``should_stop`` is asked before every decode step (a server's cancelled request).
     """
     check_max_new_tokens(max_new_tokens)
     rng = np.random.default_rng(params.seed)
@@ -347,7 +349,7 @@ def generate(
             text = streamer.push(out[0][-1])
             if any(s in text for s in stop_strings):
                 done[:] = True
-        if done.all() or step == max_new_tokens - 1:
+        if done.all() or step == max_new_tokens - 1 or (should_stop and should_stop()):
             break
         logits = decoder.decode_one_token(embed(tokens[:, None].astype(np.int64)))
         steps += 1

@@ -260,9 +260,10 @@ class FilaPipeline:
         on_text: Callable[[str], None] | None = None,
         ignore_eos: bool = False,
         reuse: Reuse | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Prefill (only after the longest cached prefix, with ``reuse``) and decode one
-        request whose images are already encoded."""
+        request whose images are preprocessed or encoded; ``should_stop``: asked every step."""
         ids, features = request.ids, request.features
         self.check_context(len(ids), request.max_new_tokens)  # before any model runs
         self.encode(features, reuse)
@@ -296,6 +297,7 @@ class FilaPipeline:
             self.prompts.decode,
             on_text,
             cached=cached,
+            should_stop=should_stop,
         )
         if prefixes is not None:
             prefixes.put(keys + out.token_ids[0], decoder)

@@ -244,3 +244,39 @@ def test_the_load_generator_refuses_other_machines():
     with pytest.raises(FilaError, match="not this machine"):
         check_local("http://192.0.2.7:8000")  # TEST-NET-1: never this machine
     check_local("http://127.0.0.1:8000")
+
+
+def test_a_client_that_leaves_cancels_its_generation_and_frees_the_worker(tiny_artifacts):
+    import re
+
+    pipe = FilaPipeline.from_artifacts(tiny_artifacts, threads=1)
+    embed = pipe.embed
+
+    def slow_embed(ids):  # 20 ms a token: 400 tokens would take 8 s
+        time.sleep(0.02)
+        return embed(ids)
+
+    pipe.embed = slow_embed
+    srv = Server(create_app(pipe, MODEL, Settings()))
+    try:
+        image = EXAMPLES / examples(1)[0]["image"]
+        body = {"model": MODEL, "messages": ask(data_url(image), "Hi"), "max_tokens": 400}
+        body["stop"] = None
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=1.0)
+        deadline = time.monotonic() + 5
+        metrics = ""
+        while time.monotonic() < deadline:
+            metrics = httpx.get(srv.url + "/metrics").text
+            if re.search(r"^fila_cancelled_requests_total 1\.0$", metrics, re.M):
+                break
+            time.sleep(0.1)
+        assert re.search(r"^fila_cancelled_requests_total 1\.0$", metrics, re.M), metrics
+        tokens = float(re.search(r"^fila_generated_tokens_total (\S+)$", metrics, re.M).group(1))
+        assert 0 < tokens < 400  # stopped early, not run to the end
+        quick = {**body, "max_tokens": 2}
+        r = httpx.post(srv.url + "/v1/chat/completions", json=quick, timeout=30)
+        assert r.status_code == 200  # the worker is free for the next request
+    finally:
+        srv.stop()
+        pipe.close()

@@ -83,7 +83,8 @@ class Engine:
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
             self.metrics.queue.set(self.jobs.qsize())
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():  # its client left while it waited
+                self.metrics.cancelled.inc()
                 continue
             t0 = time.perf_counter()
             try:
@@ -106,14 +107,15 @@ class Engine:
         waited = time.perf_counter() - job.arrived
 
         def on_text(piece: str) -> None:
-            if job.cancelled.is_set():
-                raise Cancelled
             job.send("text", piece)
 
-        result = pipe.answer(request, on_text, reuse=self.reuse)
-        self.metrics.ttft.observe(waited + result.timings["ttft_s"])  # arrival to first token
+        result = pipe.answer(request, on_text, reuse=self.reuse, should_stop=job.cancelled.is_set)
         n = len(result.token_ids)
         self.metrics.tokens.inc(n)
+        if job.cancelled.is_set():
+            self.metrics.cancelled.inc()
+            raise Cancelled
+        self.metrics.ttft.observe(waited + result.timings["ttft_s"])  # arrival to first token
         self.metrics.cached.inc(result.timings.get("cached_positions", 0))
         if n > 1:
             self.metrics.token_latency.observe(result.timings["decode_s"] / (n - 1))

@@ -34,6 +34,9 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter("fila_generated_tokens", "Tokens generated", registry=r)
+        self.cancelled = Counter(
+            "fila_cancelled_requests", "Requests whose client left before the answer", registry=r
+        )
         self.cached = Counter(
             "fila_reused_prompt_positions",
             "Prompt positions taken from a cached prefix",
