@@ -178,10 +178,14 @@ class FilaPipeline:
     ) -> np.ndarray:
         """(1, len(ids), D): token embeddings with each image's packed features written at its
         image-token positions (``features``: the vision output of each image)."""
+        packed = [pack(f, im, self.newline) for f, im in zip(features, images, strict=True)]
+        return self.packed_embeds(ids, packed)
+
+    def packed_embeds(self, ids: Sequence[int], packed: Sequence[np.ndarray]) -> np.ndarray:
+        """(1, len(ids), D): token embeddings, the images' packed rows at the image tokens."""
         id_array = np.asarray([ids], dtype=np.int64)
         embeds = self.embed(id_array)
-        if images:
-            packed = [pack(f, im, self.newline) for f, im in zip(features, images, strict=True)]
+        if packed:
             embeds[0, id_array[0] == self.image_token_id] = np.concatenate(packed)
         return embeds
 
@@ -272,18 +276,15 @@ class FilaPipeline:
             "vision_s": sum(f.vision_s for f in features),
         }
         t0 = time.perf_counter()
-        embeds = self.embed(np.asarray([ids], dtype=np.int64))
-        if features:
-            embeds[0, np.asarray(ids) == self.image_token_id] = np.concatenate(
-                [f.packed for f in features]
-            )
+        embeds = self.packed_embeds(ids, [f.packed for f in features])
         timings["embed_s"] = time.perf_counter() - t0
         prefixes = reuse.prefixes if reuse is not None and self.backend != "tensorrt" else None
-        keys = position_keys(
-            ids, self.image_token_id, [f.key for f in features], [len(f.packed) for f in features]
-        )
         need = len(ids) + request.max_new_tokens
-        decoder, cached = prefixes.take(keys, need) if prefixes else (None, 0)
+        decoder, cached, keys = None, 0, []
+        if prefixes is not None:
+            counts = [len(f.packed) for f in features]
+            keys = position_keys(ids, self.image_token_id, [f.key for f in features], counts)
+            decoder, cached = prefixes.take(keys, need)
         decoder = decoder or self.new_decoder(need if prefixes is None else self.room(need))
         out = generate(
             decoder,

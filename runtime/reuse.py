@@ -43,12 +43,9 @@ class FeatureCache:
     def __init__(self, max_bytes: int = 256 * 2**20) -> None:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.nbytes = 0  # of the arrays held
         self.hits = self.misses = 0
         self.lock = threading.Lock()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.entries.values())
 
     def get(self, key: str) -> np.ndarray | None:
         with self.lock:
@@ -62,10 +59,12 @@ class FeatureCache:
 
     def put(self, key: str, features: np.ndarray) -> None:
         with self.lock:
+            if key in self.entries:
+                self.nbytes -= self.entries.pop(key).nbytes
             self.entries[key] = features
-            self.entries.move_to_end(key)
+            self.nbytes += features.nbytes
             while len(self.entries) > 1 and self.nbytes > self.max_bytes:
-                self.entries.popitem(last=False)
+                self.nbytes -= self.entries.popitem(last=False)[1].nbytes
 
 
 def common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
