@@ -106,6 +106,7 @@ def measure_round(target, s: BenchSettings) -> dict:
         "gpu_peak_mb": gpu_peak_mb(target.backend),
         "sizes_bytes": target.sizes,
         "memory_mb": target.memory_mb,
+        "vision": target.vision,
     }
 
 
@@ -123,6 +124,8 @@ def column_result(rounds: list[dict], s: BenchSettings, weight_bytes: int) -> di
             "sizes_bytes",
             "allocator_env",
             "memory_mb",
+            "vision",
+            "threads_used",
         )
     }
     result["decode_weight_bytes"] = weight_bytes

@@ -35,6 +35,27 @@ def cpu_line(m: dict) -> str:
     )
 
 
+def script_header(result: dict) -> list[str]:
+    """A benchmark script's Markdown opening: the command that ran and the CPU it ran on."""
+    return [f"`{result['command']}`", "", cpu_line({"cpu_identity": result["cpu"]})]
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """Markdown table lines."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def publish(result: dict, render, out: Path | None) -> None:
+    """Print a benchmark script's Markdown; with ``out``, write the JSON there and the
+    Markdown beside it (``.md``)."""
+    text = render(result)
+    print(text)
+    if out:
+        out.write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(text + "\n")
+
+
 def _speedup(r: dict) -> str:
     value = r.get("speedup_vs_torch", {}).get("end_to_end")
     return "- (no torch column)" if value is None else f"{value:.2f}x"
@@ -44,6 +65,13 @@ def _rss(r: dict) -> str:
     if r.get("peak_rss_scope") != "target":  # older files, or no per-target window here
         return f"{r['peak_rss_mb']:.0f} (process peak)"
     return f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['rss_at_start_mb']:.0f})"
+
+
+def _vision(r: dict) -> str:
+    v = r.get("vision") or {}
+    if not v:
+        return "-"
+    return v["variant"] + (f" ({v['cosine']:.4f})" if v.get("cosine") is not None else "")
 
 
 def _memory(r: dict) -> str:
@@ -89,6 +117,7 @@ def markdown(out: dict) -> str:
         ),
         "speed-up vs torch (end to end)": _speedup,
         "threads (read back)": lambda r: str(r.get("threads_used") or "-"),
+        "vision graph (cosine vs fp32, from calibration)": _vision,
         "peak RSS (MB; + over the RSS before loading)": _rss,
         "RSS after loading / vision / prefill (MB)": _memory,
         "decode weights read per token (MB)": lambda r: f"{r['decode_weight_bytes'] / 2**20:.0f}",

@@ -18,7 +18,7 @@ from runtime.image_io import load_image
 from runtime.memory import rss_mb
 from runtime.pipeline import FilaPipeline, load_runners
 from runtime.preprocess import preprocess
-from runtime.variants import choose_decoder, precision_spec
+from runtime.variants import choose_decoder, precision_spec, stage_variant
 from runtime.vision import VisionEncoder
 
 STAGE_GROUPS = (
@@ -44,6 +44,7 @@ class Target:
     decoder_stage: str = "decoder"  # which decoder graph ran (decoder_gqa on ONNX Runtime)
     memory_mb: dict = field(default_factory=dict)  # RSS after loading, vision, prefill
     threads_used: int | None = None  # intra-op threads, read back from the session / torch
+    vision: dict = field(default_factory=dict)  # the fused vision variant run, its cosine vs fp32
 
 
 def session_threads(runner) -> int | None:
@@ -89,6 +90,7 @@ def runtime_target(
     image = load_image(image_path)
     pre = preprocess(image, cfg)
     t = Target(backend, precision, decoder_stage=fused.decoder_stage)
+    t.vision = vision_variant(manifest, backend, precision)
     t.threads_used = session_threads(fused.runners[fused.decoder_stage])
     t.memory_mb["loaded"] = rss_mb()  # the fused pipeline and the modular chain's stages
     t.stages["preprocess"] = [lambda: preprocess(image, cfg)]
@@ -138,6 +140,13 @@ def runtime_target(
     return t
 
 
+def vision_variant(manifest, backend: str, precision: str) -> dict:
+    """Which fused vision graph a column runs, and the cosine vs fp32 calibration measured."""
+    variant = stage_variant(manifest, precision_spec(manifest, precision), "vision", backend)
+    accuracy = manifest.variant("vision", variant).get("accuracy", {})
+    return {"variant": variant, "cosine": accuracy.get("cosine")}
+
+
 def column_files(manifest, backend: str, precision: str, decoder: str = "auto") -> dict[str, Path]:
     """The graphs a column loads for vision, embed and its decoder, picked as the pipeline picks
     them; PyTorch eager's decoder is the fp32 portable graph (the same LLM weights)."""
@@ -145,9 +154,7 @@ def column_files(manifest, backend: str, precision: str, decoder: str = "auto") 
         return {"decoder": manifest.stage_path("decoder", "fp32")}
     spec = precision_spec(manifest, precision)
     names = ("vision", "embed", choose_decoder(manifest, backend, decoder))
-    return {
-        n: manifest.stage_path(n, spec.variant(n, manifest.variants_for(n, backend))) for n in names
-    }
+    return {n: manifest.stage_path(n, stage_variant(manifest, spec, n, backend)) for n in names}
 
 
 def decode_weight_bytes(manifest, backend: str, precision: str, decoder: str = "auto") -> int:

@@ -36,16 +36,15 @@ def llm_stage(manifest: Manifest) -> str:
 
 @dataclass
 class Variants:
-    """The graphs made so far, in the scratch folder: the int8 fused vision graph (if any), the
-    weight-only decoders of ONNX Runtime's graph and of the portable (TensorRT) graph."""
+    """The graphs made so far, in the scratch folder: the int8 fused vision graphs (by variant:
+    ``int8``, ``int8-cpu``), the weight-only decoders of ONNX Runtime's graph and of the portable
+    (TensorRT) graph."""
 
-    vision: Path | None
+    vision: dict[str, Path]  # variant -> fused vision graph
     decoders: dict[str, Path]  # precision -> graph
     portable: dict[str, Path]  # precision -> graph
-    base: str = "fp32"
-    embeds: dict = field(
-        default_factory=dict
-    )  # precision -> (graph, accuracy of the table)  # the export's own precision: what every variant is compared with
+    base: str = "fp32"  # the export's own precision: what every variant is compared with
+    embeds: dict = field(default_factory=dict)  # precision -> (graph, accuracy of the table)
 
     def decoder_files(self) -> dict[str, Path]:
         """Decoder key (``w4``, ``trt-w4``) -> graph."""
@@ -54,8 +53,7 @@ class Variants:
     def configs(self) -> list[tuple[str, str]]:
         """(vision variant, decoder key) of every mix compared with base/base."""
         out = [(self.base, p) for p in self.decoders]
-        if self.vision is not None:
-            out += [("int8", p) for p in [self.base, *self.decoders]]
+        out += [(v, p) for v in self.vision for p in [self.base, *self.decoders]]
         return out + [(self.base, f"trt-{p}") for p in self.portable]
 
 
@@ -81,7 +79,7 @@ def compare_end_to_end(manifest, split, store, made: Variants, report, settings,
     decoders = {base: runners[llm]}
     for key, path in made.decoder_files().items():
         decoders[key] = OrtRunner(SessionLoader(path, threads=threads), name=key)
-    vision_int8 = onnx_io.session(made.vision, threads) if made.vision else None
+    vision = {v: onnx_io.session(path, threads) for v, path in made.vision.items()}
     configs = made.configs()
     tokens_by = {c: [] for c in [(base, base), *configs]}
     logits_by = {d: [] for _, d in tokens_by}
@@ -90,8 +88,8 @@ def compare_end_to_end(manifest, split, store, made: Variants, report, settings,
         image = preprocess(load_image(record.path), manifest.preprocess)
         inputs, ref = store.get("eval", index, "vision")
         features = {base: ref["image_features"]}
-        if vision_int8 is not None:
-            features["int8"] = vision_int8.run(["image_features"], inputs)[0]
+        for v, sess in vision.items():
+            features[v] = sess.run(["image_features"], inputs)[0]
         _, ids = pipe.prompts.request_ids(record.prompt, [image.num_tokens])
         embeds = {v: pipe.prompt_embeds(ids, [image], [f]) for v, f in features.items()}
         for v, d in tokens_by:
@@ -155,7 +153,7 @@ def agreement_rows(manifest, made: Variants, configs, tokens_by, report, limit, 
         spec = ",".join(x for x in parts if x)
         label = f"{spec} (TensorRT Q/DQ graph, run on ONNX Runtime)" if portable else spec
         agree = token_agreement(reference, tokens_by[(v, d)])
-        replaced = {"vision": made.vision if v == "int8" else None, "decoder": files.get(d)}
+        replaced = {"vision": made.vision.get(v), "decoder": files.get(d)}
         report.end_to_end.append(
             AgreementRow(
                 label,

@@ -32,7 +32,7 @@ from calibration.dataset import (
     split_images,
     vision_stages,
 )
-from calibration.qdq import METHODS
+from calibration.qdq import METHODS, has_conv
 from calibration.report import CalibrationReport, StageRow
 from calibration.sensitivity import StageQuantization, quantize_vision_stage
 from calibration.weight_only import (
@@ -54,6 +54,12 @@ QUANT_SCHEME = {
         "weights": "int8 symmetric per-channel (output-channel axis)",
         "format": "QDQ",
         "kept_fp32": "all ops but Conv/MatMul/Gemm",
+    },
+    "int8-cpu": {
+        "activations": "uint8 asymmetric per-tensor (zero points), Q/DQ on inputs and outputs",
+        "weights": "int8 symmetric per-channel (output-channel axis), int32 bias",
+        "format": "QDQ, fused by ONNX Runtime into QLinearConv / QLinearMatMul (CPU)",
+        "kept_fp32": "ops whose inputs and outputs are not quantized",
     },
     # accuracy_level 4: MatMulNBits multiplies with int8-quantized activations (per block), the
     # fast CPU kernels; level 0 keeps fp32 activations (w8 at level 0 is slower than fp32 on CPU)
@@ -150,7 +156,7 @@ def calibrate(
         collect_stage_data(manifest, split, store, needed, s.threads)
         results = quantize_vision(manifest, split, store, work, names, s, report, say)
         made = quantize_llm(manifest, work, llm_list, s, say)
-        made.vision = results["vision"].file if "vision" in results else None
+        made.vision = {v: res.file for (n, v), res in results.items() if n == "vision"}
         compare_end_to_end(manifest, split, store, made, report, s, say)
         entries = vision_entries(results, split, s) | decoder_entries(
             manifest, made, report, split, s
@@ -182,14 +188,27 @@ def chosen_vision_stages(manifest: Manifest, stages: Sequence[str] | None) -> li
     return [s for s in names if s in stages]
 
 
+CPU_INT8 = "int8-cpu"  # ONNX Runtime's CPU layout of a stage with convolutions (calibration.qdq)
+
+
+def int8_jobs(manifest: Manifest, names: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(stage, variant, layout) to make: every stage in TensorRT's layout (``int8``, which ONNX
+    Runtime runs too), and the stages with convolutions also in ONNX Runtime's CPU layout
+    (``int8-cpu``): its CPU provider has no int8 convolution for the TensorRT layout."""
+    jobs = [(name, "int8", "tensorrt") for name in names]
+    return jobs + [(n, CPU_INT8, "cpu") for n in names if has_conv(manifest.stage_path(n))]
+
+
 def quantize_vision(manifest, split, store, work, names, s, report, say) -> dict:
     """An int8 variant of each named vision stage (sensitivity pass when one misses its gate),
-    its report row, and the whole int8 chain's accuracy when every chain stage was quantized."""
-    results: dict[str, StageQuantization] = {}
-    for name in names:
+    its report row, and the whole int8 chain's accuracy when every chain stage was quantized.
+    Returns {(stage, variant): StageQuantization}."""
+    results: dict[tuple[str, str], StageQuantization] = {}
+    for name, variant, layout in int8_jobs(manifest, names):
+        file = f"{name}.{variant}.onnx"
         res = quantize_vision_stage(
             manifest.stage_path(name),
-            work / f"{name}.int8.onnx",
+            work / file,
             store,
             name,
             s.method,
@@ -199,35 +218,40 @@ def quantize_vision(manifest, split, store, work, names, s, report, say) -> dict
             s.threads,
             store.root,
             say,
+            layout,
         )
-        results[name] = res
+        results[(name, variant)] = res
         if res.message:
             report.messages.append(res.message)
-        report.stages.append(
-            StageRow(
-                name,
-                "int8",
-                f"{name}.int8.onnx",
-                onnx_io.graph_bytes(res.file),
-                onnx_io.graph_bytes(manifest.stage_path(name)),
-                res.metrics,
-                res.validated,
-                f"cosine >= {s.gate_cosine}",
-                res.excluded,
-                res.candidates,
-                res.quantized,
-                res.full_metrics.cosine if res.full_metrics else None,
-                res.trials,
-                res.message,
-                res.layout_problems,
-            )
-        )
+        fp32_bytes = onnx_io.graph_bytes(manifest.stage_path(name))
+        report.stages.append(stage_row(name, variant, file, res, fp32_bytes, s.gate_cosine))
     chain = manifest.vision_chain
     limit = min(s.e2e_images, len(split.held_out))
-    if chain and all(n in results for n in chain) and "vision" in manifest.stages:
+    int8 = {name: res for (name, variant), res in results.items() if variant == "int8"}
+    if chain and all(n in int8 for n in chain) and "vision" in manifest.stages:
         say("modular int8 chain end to end")
-        report.modular_chain = chain_accuracy(manifest, results, store, limit, s.threads)
+        report.modular_chain = chain_accuracy(manifest, int8, store, limit, s.threads)
     return results
+
+
+def stage_row(name, variant, file, res: StageQuantization, fp32_bytes, gate) -> StageRow:
+    return StageRow(
+        name,
+        variant,
+        file,
+        onnx_io.graph_bytes(res.file),
+        fp32_bytes,
+        res.metrics,
+        res.validated,
+        f"cosine >= {gate}",
+        res.excluded,
+        res.candidates,
+        res.quantized,
+        res.full_metrics.cosine if res.full_metrics else None,
+        res.trials,
+        res.message,
+        res.layout_problems,
+    )
 
 
 def chain_accuracy(manifest, results: dict, store, limit: int, threads: int | None):
@@ -248,7 +272,7 @@ def chain_accuracy(manifest, results: dict, store, limit: int, threads: int | No
 def quantize_llm(manifest: Manifest, work: Path, llm_list: list[str], s, say) -> Variants:
     """Weight-only decoders: MatMulNBits of ONNX Runtime's decoder for each precision, and for w4
     the portable graph's INT4 Q/DQ form (TensorRT's weight-only GEMMs)."""
-    made = Variants(None, {}, {}, base=manifest.base)
+    made = Variants({}, {}, {}, base=manifest.base)
     llm = llm_stage(manifest)
     if "embed" in manifest.stages:  # the table the LLM reads too: same weight-only precisions
         for precision in llm_list:
@@ -273,9 +297,10 @@ def quantize_llm(manifest: Manifest, work: Path, llm_list: list[str], s, say) ->
 
 
 def vision_entries(results: dict, split: CalibrationSplit, s) -> dict[tuple[str, str], dict]:
-    """The manifest entries of the int8 vision variants."""
-    return {
-        (name, "int8"): {
+    """The manifest entries of the int8 vision variants (``int8-cpu``: ONNX Runtime's only)."""
+    entries = {}
+    for (name, variant), res in results.items():
+        entries[(name, variant)] = {
             "precision": "int8",
             "method": s.method,
             "calibration_set_sha256": split.calibration_set_sha256,
@@ -284,10 +309,11 @@ def vision_entries(results: dict, split: CalibrationSplit, s) -> dict[tuple[str,
             "accuracy": accuracy_entry(res.metrics),
             "validated": res.validated,
             "gate": {"cosine": s.gate_cosine},
-            "scheme": QUANT_SCHEME["int8"],
+            "scheme": QUANT_SCHEME[variant],
         }
-        for name, res in results.items()
-    }
+        if variant == CPU_INT8:
+            entries[(name, variant)]["backends"] = ["onnxruntime"]
+    return entries
 
 
 def decoder_entries(manifest, made: Variants, report, split, s) -> dict[tuple[str, str], dict]:

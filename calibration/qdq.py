@@ -1,12 +1,21 @@
-"""Explicit Q/DQ INT8 for the vision stages, laid out for TensorRT's explicit quantization.
+"""Explicit Q/DQ INT8 for the vision stages, in one of two layouts.
 
-``quantize_static`` (``QuantFormat.QDQ``): symmetric int8 activations and weights (every zero point
-is an int8 0), per-channel weight scales on the output-channel axis (Conv: 0; MatMul weights are
-``[in, out]``: 1), bias left in float. Only Conv / MatMul / Gemm inputs are quantized (the
-precision policy): LayerNorm, Softmax, GELU, the residual adds and every other op stay fp32, and
-``restore_float_consumers`` makes sure no fp32 op reads a dequantized tensor (onnxruntime would
-otherwise route every consumer of a quantized tensor through the same Q/DQ pair). Calibration
-ranges are computed once per stage (quantize_static's calibration cache) and reused by every call.
+``tensorrt`` (every int8 variant): ``quantize_static`` (``QuantFormat.QDQ``) with symmetric int8
+activations and weights (every zero point is an int8 0), per-channel weight scales on the
+output-channel axis (Conv: 0; MatMul weights are ``[in, out]``: 1), bias left in float. Only
+Conv / MatMul / Gemm inputs are quantized (the precision policy): LayerNorm, Softmax, GELU, the
+residual adds and every other op stay fp32, and ``restore_float_consumers`` makes sure no fp32 op
+reads a dequantized tensor (onnxruntime would otherwise route every consumer of a quantized tensor
+through the same Q/DQ pair). ONNX Runtime's CPU provider runs the MatMuls of that layout as int8
+(``MatMulIntegerToFloat``) but not the convolutions: it has no int8 convolution without a
+quantized output, so it dequantizes the weights and convolves in fp32 (the ``small`` ConvNeXt
+1.2x slower than fp32).
+
+``cpu`` (``int8-cpu`` variants, ONNX Runtime only, made for stages with convolutions): unsigned
+int8 activations with zero points and Q/DQ on the outputs too, the form onnxruntime fuses into
+``QLinearConv`` with its u8 x s8 kernels (VNNI on x86; the ``small`` ConvNeXt 2x faster than
+fp32). Calibration ranges are computed once per stage and layout (quantize_static's calibration
+cache) and reused by every call.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from calibration.dataset import ActivationStore, CalibrationError
 from runtime import onnx_io
 
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
+LAYOUTS = ("tensorrt", "cpu")
 METHODS = ("minmax", "entropy", "percentile")
 PERCENTILE = 99.999
 
@@ -73,18 +83,21 @@ class StoreReader:
         return item
 
 
-def qdq_options(method: str, percentile: float = PERCENTILE) -> dict:
-    """extra_options for quantize_static: TensorRT-style symmetric int8 Q/DQ."""
+def qdq_options(method: str, percentile: float = PERCENTILE, layout: str = "tensorrt") -> dict:
+    """extra_options for quantize_static: symmetric int8 Q/DQ for TensorRT, asymmetric (zero
+    points) activations for ONNX Runtime's CPU kernels."""
+    symmetric = layout == "tensorrt"
     opts = {
-        "ActivationSymmetric": True,
+        "ActivationSymmetric": symmetric,
         "WeightSymmetric": True,
-        "QuantizeBias": False,  # bias stays float: TensorRT fuses it, int32 bias Q/DQ is not needed
+        # TensorRT fuses a float bias; onnxruntime's QLinearConv needs it int32
+        "QuantizeBias": not symmetric,
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # [in, out] weights: output channels
         # one image per collection step: histogram methods otherwise hold every intermediate
         # tensor of every calibration image in memory (onnxruntime's CalibMaxIntermediateOutputs
         # drops data instead of merging it, so it is not used)
         "CalibStridedMinMax": 1,
-        "CalibTensorRangeSymmetric": True,
+        "CalibTensorRangeSymmetric": symmetric,
     }
     if method == "percentile":
         opts["CalibPercentile"] = percentile
@@ -117,6 +130,14 @@ def load_named(path: Path):
     return model
 
 
+def has_conv(path: Path) -> bool:
+    """Whether a graph convolves (read without its weights)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(n.op_type == "Conv" for n in graph.node)
+
+
 def candidate_nodes(model) -> list[str]:
     """Nodes the precision policy quantizes: Conv / MatMul / Gemm with float inputs."""
     return [n.name for n in model.graph.node if n.op_type in QUANT_OPS]
@@ -131,13 +152,16 @@ def quantize_qdq(
     exclude: Sequence[str],
     cache: Path,
     percentile: float = PERCENTILE,
+    layout: str = "tensorrt",
 ):
-    """Q/DQ int8 graph of ``model`` (fp32 ModelProto) written to ``out``; returns the ModelProto.
-
-    Ranges come from ``cache`` when it exists (written by the first call for the stage)."""
+    """Q/DQ int8 graph of ``model`` (fp32 ModelProto) in ``layout`` written to ``out``; returns
+    the ModelProto. Ranges come from ``cache`` when it exists (written by the first call for the
+    stage and layout)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    if layout not in LAYOUTS:
+        raise CalibrationError(f"unknown int8 layout {layout!r}; use {', '.join(LAYOUTS)}")
     big = model.ByteSize() > onnx_io.EXTERNAL_DATA_ABOVE
     work = onnx.ModelProto()
     work.CopyFrom(model)  # quantize_static saves its input with external data, which edits it
@@ -151,16 +175,17 @@ def quantize_qdq(
             op_types_to_quantize=list(QUANT_OPS),
             per_channel=True,
             reduce_range=False,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if layout == "tensorrt" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=list(exclude),
             use_external_data_format=big,
             calibrate_method=calibration_method(method),
-            extra_options=qdq_options(method, percentile),
+            extra_options=qdq_options(method, percentile, layout),
             calibration_cache_path=cache,
         )
     qmodel = onnx.load(str(tmp), load_external_data=True)
-    restore_float_consumers(qmodel, set(exclude))
+    if layout == "tensorrt":
+        restore_float_consumers(qmodel, set(exclude))
     onnx_io.save(qmodel, out)
     for p in (tmp, tmp.with_name(tmp.name + ".data")):
         p.unlink(missing_ok=True)

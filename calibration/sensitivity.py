@@ -133,25 +133,28 @@ def quantize_vision_stage(
     threads: int | None = None,
     workdir: Path | None = None,
     log=None,
+    layout: str = "tensorrt",
 ) -> StageQuantization:
-    """Quantize one vision stage, excluding the most damaging nodes until it meets its gate."""
+    """Quantize one vision stage in ``layout`` (``calibration.qdq``), excluding the most damaging
+    nodes until it meets its gate."""
     say = log or (lambda msg: None)
-    cache = Path(workdir or store.root) / f"{stage}.{method}.ranges.json"
+    cache = Path(workdir or store.root) / f"{stage}.{method}.{layout}.ranges.json"
     cache.unlink(missing_ok=True)
     model = load_named(fp32_path)
     cands = candidate_nodes(model)
     if not cands:
         raise CalibrationError(f"stage {stage} has no Conv/MatMul/Gemm node to quantize")
-    qmodel = quantize_qdq(model, out, store, stage, method, [], cache)
+    qmodel = quantize_qdq(model, out, store, stage, method, [], cache, layout=layout)
     full = evaluate(onnx_io.session(out, threads), store, stage)
-    say(f"{stage}: all {len(cands)} candidate node(s) int8: cosine {full.cosine:.5f}")
+    label = stage if layout == "tensorrt" else f"{stage} ({layout} layout)"
+    say(f"{label}: all {len(cands)} candidate node(s) int8: cosine {full.cosine:.5f}")
     nodes = len(quantized_nodes(qmodel))
     passed = full.cosine >= gate_cosine
     result = StageQuantization(
         stage, out, method, [], full, gate_cosine, passed, len(cands), nodes, full
     )
     if passed or max_excluded == 0:
-        result.layout_problems = check_trt_layout(qmodel)
+        result.layout_problems = layout_problems(qmodel, layout)
         if not passed:
             result.message = (
                 f"stage {stage} ({method}) misses its gate: best cosine reached {full.cosine:.5f} "
@@ -166,16 +169,16 @@ def quantize_vision_stage(
     # the real graph for the chosen exclusions; if it misses where the simulation passed, step on
     while True:
         excluded = search.ranked[:chosen]
-        qmodel = quantize_qdq(model, out, store, stage, method, excluded, cache)
+        qmodel = quantize_qdq(model, out, store, stage, method, excluded, cache, layout=layout)
         metrics = evaluate(onnx_io.session(out, threads), store, stage)
-        say(f"{stage}: {chosen} node(s) in fp32: cosine {metrics.cosine:.5f}")
+        say(f"{label}: {chosen} node(s) in fp32: cosine {metrics.cosine:.5f}")
         if metrics.cosine >= gate_cosine or chosen >= cap:
             break
         chosen += 1
     result.excluded, result.metrics, result.trials = excluded, metrics, search.trials
     result.quantized = len(quantized_nodes(qmodel))
     result.validated = metrics.cosine >= gate_cosine
-    result.layout_problems = check_trt_layout(qmodel)
+    result.layout_problems = layout_problems(qmodel, layout)
     if not result.validated:
         best = max([metrics.cosine, *(m.cosine for m in search.tried.values())])
         result.message = (
@@ -186,6 +189,11 @@ def quantize_vision_stage(
             "larger --max-excluded"
         )
     return result
+
+
+def layout_problems(qmodel, layout: str) -> list[str]:
+    """What TensorRT would refuse in a graph meant for it (the ``cpu`` layout is not)."""
+    return check_trt_layout(qmodel) if layout == "tensorrt" else []
 
 
 class ExclusionSearch:

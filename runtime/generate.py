@@ -284,6 +284,45 @@ class TextStreamer:
         return text
 
 
+class AnswerRow:
+    """One row's answer as its tokens are sampled: EOS ends it, and with ``decode_text`` its text
+    is streamed (``on_text``) and a stop string ends it. Its tokens are the history repetition
+    penalty reads. ``generate`` keeps one per row; a batch scheduler one per request."""
+
+    def __init__(
+        self,
+        eos_ids: Sequence[int] = (),
+        stop_strings: Sequence[str] = (),
+        decode_text: Callable[[list[int]], str] | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> None:
+        self.eos_ids, self.stop_strings = set(eos_ids), tuple(stop_strings)
+        self.streamer = TextStreamer(decode_text, on_text) if decode_text else None
+        self.tokens: list[int] = []
+        self.done = False
+        self.stopped = False  # by a stop string
+
+    def push(self, token: int) -> bool:
+        """Take the next sampled token; True once the answer is complete."""
+        if self.done:
+            return True
+        if token in self.eos_ids:
+            self.done = True
+            return True
+        self.tokens.append(token)
+        if self.streamer is not None:
+            text = self.streamer.push(token)
+            self.stopped = self.done = any(s in text for s in self.stop_strings)
+        return self.done
+
+    def text(self) -> str:
+        """The whole answer's text, cut before the first stop string."""
+        text = self.streamer.flush() if self.streamer else ""
+        for s in self.stop_strings:
+            text = text.split(s)[0] if s in text else text
+        return text
+
+
 @dataclass
 class GenerationOutput:
     token_ids: list[list[int]]
@@ -323,9 +362,8 @@ def generate(
     check_max_new_tokens(max_new_tokens)
     rng = np.random.default_rng(params.seed)
     batch = prompt_embeds.shape[0]
-    out: list[list[int]] = [[] for _ in range(batch)]
-    done = np.zeros(batch, dtype=bool)
-    streamer = TextStreamer(decode_text, on_text) if decode_text else None
+    rows = [AnswerRow(eos_ids) for _ in range(batch)]
+    rows[0] = AnswerRow(eos_ids, stop_strings, decode_text, on_text)
     t0 = time.perf_counter()
     if cached:
         decoder.truncate(cached)
@@ -337,27 +375,18 @@ def generate(
     t1 = time.perf_counter()
     steps = 0
     for step in range(max_new_tokens):
-        tokens = sample(logits, params, rng, out)
-        for row in range(batch):
-            if done[row]:
-                continue
-            if int(tokens[row]) in eos_ids:
-                done[row] = True
-                continue
-            out[row].append(int(tokens[row]))
-        if streamer and not done[0]:
-            text = streamer.push(out[0][-1])
-            if any(s in text for s in stop_strings):
-                done[:] = True
-        if done.all() or step == max_new_tokens - 1 or (should_stop and should_stop()):
+        tokens = sample(logits, params, rng, [row.tokens for row in rows])
+        for row, token in zip(rows, tokens, strict=True):
+            row.push(int(token))
+        if rows[0].stopped:  # a stop string in the streamed row ends them all
+            break
+        finished = all(row.done for row in rows)
+        if finished or step == max_new_tokens - 1 or (should_stop and should_stop()):
             break
         logits = decoder.decode_one_token(embed(tokens[:, None].astype(np.int64)))
         steps += 1
     decode_s = time.perf_counter() - t1
-    texts = []
-    if streamer:
-        text = streamer.flush()
-        for s in stop_strings:
-            text = text.split(s)[0] if s in text else text
-        texts = [text]
-    return GenerationOutput(out, ttft, decode_s, steps, texts, first_logits)
+    texts = [rows[0].text()] if decode_text else []
+    return GenerationOutput(
+        [row.tokens for row in rows], ttft, decode_s, steps, texts, first_logits
+    )

@@ -15,7 +15,7 @@ from runtime.backends import load_runner
 from runtime.compare import TOLERANCES, Comparison, compare, tolerance
 from runtime.errors import FilaError
 from runtime.manifest import Manifest
-from runtime.variants import precision_spec
+from runtime.variants import precision_spec, stage_variant
 
 PROMPT = "Describe the image."
 
@@ -104,7 +104,7 @@ class StageChecker:
         (TensorRT) not built."""
         if name not in self.manifest.stages or not self.manifest.spec(name).runs_on(self.backend):
             return None
-        variant = self.spec.variant(name, self.manifest.variants_for(name, self.backend))
+        variant = stage_variant(self.manifest, self.spec, name, self.backend)
         if self.engines is not None and (name, variant) not in self.engines:
             return None
         return variant

@@ -24,7 +24,7 @@ from runtime.memory import peak_rss_bytes
 from runtime.preprocess import PreprocessedImage, preprocess
 from runtime.prompt import PromptBuilder
 from runtime.reuse import Reuse, content_key, position_keys
-from runtime.variants import PrecisionSpec, choose_decoder, precision_spec
+from runtime.variants import PrecisionSpec, choose_decoder, precision_spec, stage_variant
 from runtime.vision import VisionEncoder, pack
 
 VISION_MODES = ("fused", "modular")
@@ -92,7 +92,7 @@ def load_runners(
     spec = precision_spec(manifest, precision)
     runners = {}
     for name in names:
-        variant = spec.variant(name, manifest.variants_for(name, backend))
+        variant = stage_variant(manifest, spec, name, backend)
         if manifest.variant(name, variant).get("validated") is False:
             warnings.warn(f"stage {name} ({variant}) did not meet its accuracy gate", stacklevel=3)
         runners[name] = load_runner(backend, manifest, name, variant, **options)
@@ -269,15 +269,7 @@ class FilaPipeline:
         """Prefill (only after the longest cached prefix, with ``reuse``) and decode one
         request whose images are preprocessed or encoded; ``should_stop``: asked every step."""
         ids, features = request.ids, request.features
-        self.check_context(len(ids), request.max_new_tokens)  # before any model runs
-        self.encode(features, reuse)
-        timings = {
-            "preprocess_s": sum(f.preprocess_s for f in features),
-            "vision_s": sum(f.vision_s for f in features),
-        }
-        t0 = time.perf_counter()
-        embeds = self.packed_embeds(ids, [f.packed for f in features])
-        timings["embed_s"] = time.perf_counter() - t0
+        embeds, timings = self.request_embeds(request, reuse)
         prefixes = reuse.prefixes if reuse is not None and self.backend != "tensorrt" else None
         need = len(ids) + request.max_new_tokens
         decoder, cached, keys = None, 0, []
@@ -315,6 +307,21 @@ class FilaPipeline:
         )
         result.peak_rss_mb = peak_rss_bytes() / 2**20
         return result
+
+    def request_embeds(self, request: Request, reuse: Reuse | None = None) -> tuple:
+        """The prompt's embeddings (1, n, D) with its images' features (encoded now unless
+        cached), after checking it fits the context; and the time each part took."""
+        self.check_context(len(request.ids), request.max_new_tokens)  # before any model runs
+        features = request.features
+        self.encode(features, reuse)
+        timings = {
+            "preprocess_s": sum(f.preprocess_s for f in features),
+            "vision_s": sum(f.vision_s for f in features),
+        }
+        t0 = time.perf_counter()
+        embeds = self.packed_embeds(request.ids, [f.packed for f in features])
+        timings["embed_s"] = time.perf_counter() - t0
+        return embeds, timings
 
     def room(self, need: int) -> int:
         """A reusable decoder's length: room for a few more turns, within the context."""

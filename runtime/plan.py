@@ -16,7 +16,7 @@ from runtime import onnx_io
 from runtime.errors import FilaError
 from runtime.generate import DecoderShape
 from runtime.manifest import Manifest
-from runtime.variants import choose_decoder, precision_spec
+from runtime.variants import choose_decoder, precision_spec, stage_variant
 
 GB = 1e9
 MB = 1e6
@@ -179,7 +179,7 @@ def plan_memory(
     for stage in ("vision", "embed", decoder_stage):
         if stage not in manifest.stages:
             raise FilaError(f"this export has no {stage} stage; re-export it whole to plan it")
-        variants[stage] = spec.variant(stage, manifest.variants_for(stage, backend))
+        variants[stage] = stage_variant(manifest, spec, stage, backend)
         plan.terms.append(stage_weights(manifest, stage, variants[stage], backend))
     plan.terms.append(kv_cache(manifest, variants[decoder_stage], context))
     plan.terms.append(vision_activations(manifest, max_tiles, variants["vision"], backend))

@@ -6,8 +6,9 @@ the runtime, ``fila build``, ``fila validate``, calibration and the benchmark pi
 A precision spec is ``fp16`` (every stage that has it, fp32 for the rest), a preference list
 ``int8,w4`` (each stage takes the first it has), or per stage or group ``vision=int8,decoder=w4``
 (``vision`` covers the fused graph and every modular vision stage, ``decoder`` every decoder
-graph); the forms mix (``fp16,decoder=w4``). A name that matches no variant of the export is an
-error, not a silent fp32 run.
+graph); the forms mix (``fp16,decoder=w4``). ``+`` separates like ``,`` (``int8+w4``: one item of
+a comma-separated list, such as ``fila bench --precisions fp32,int8+w4``). A name that matches no
+variant of the export is an error, not a silent fp32 run.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class PrecisionSpec:
     def parse(cls, text: str | None, base: str = "fp32") -> PrecisionSpec:
         """Read a spec; ``None`` or empty means the export's base precision everywhere."""
         spec = cls(text=text or base, base=base)
-        for item in (part.strip() for part in (text or "").split(",")):
+        for item in (part.strip() for part in (text or "").replace("+", ",").split(",")):
             if not item:
                 continue
             key, eq, value = item.partition("=")
@@ -113,6 +114,19 @@ def precision_spec(manifest, spec: str | PrecisionSpec | None) -> PrecisionSpec:
 def choose_variant(manifest, spec: str | PrecisionSpec | None, stage: str) -> str:
     """The variant of ``stage`` that ``spec`` picks in this export (spec checked first)."""
     return precision_spec(manifest, spec).variant(stage, manifest.variants_for(stage))
+
+
+def stage_variant(manifest, spec: PrecisionSpec, stage: str, backend: str) -> str:
+    """The variant of ``stage`` that ``spec`` picks on ``backend``. Where several variants hold
+    the precision picked (their entries' ``precision``), the one made for the fewest backends
+    runs: on ONNX Runtime, a convolution stage's ``int8-cpu`` layout rather than the ``int8``
+    TensorRT layout (as ``decoder_gqa`` rather than ``decoder``)."""
+    runnable = manifest.variants_for(stage, backend)
+    chosen = spec.variant(stage, runnable)
+    entries = {v: manifest.variant(stage, v) for v in runnable}
+    default = manifest.stage(stage).get("backends", ["onnxruntime", "tensorrt"])
+    same = [v for v in runnable if v == chosen or entries[v].get("precision") == chosen]
+    return min(same, key=lambda v: (len(entries[v].get("backends", default)), v != chosen))
 
 
 def decoder_stages(manifest) -> list[str]:

@@ -95,6 +95,18 @@ def tiny_artifacts(tiny_checkpoint, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_artifacts(tmp_path_factory) -> Path:
+    """The shipped demo checkpoint exported (fp32) with room for 4 rows decoded together (the
+    server tests, with and without batching)."""
+    from fila_export.demo import CHECKPOINT
+    from fila_export.export.exporter import export_artifacts
+
+    out = tmp_path_factory.mktemp("demo-art") / "demo"
+    export_artifacts(CHECKPOINT, out, precisions=["fp32"], max_batch=4, progress=False)
+    return out
+
+
 def run_fila(*args: str, stdin: str | None = None, env: dict | None = None):
     """The `fila` CLI in a subprocess, as a user runs it."""
     import subprocess

@@ -54,10 +54,17 @@ def test_bench_writes_json_markdown_and_plots(tiny_artifacts, tiny_checkpoint, t
         assert result["speedup_vs_torch"]["end_to_end"] > 0
         # each column process ran with the fixed allocator thresholds
         assert result["allocator_env"] == STEADY_MALLOC_ENV
+        assert result["threads_used"] >= 1  # read back from the session / torch
     assert data["machine"]["measured_bandwidth_gb_s"] > 0
     assert (out / "latency_per_stage.png").stat().st_size > 1000
     assert (out / "decode_vs_context.png").stat().st_size > 1000
     assert "| decode_step |" in (out / "results.md").read_text()
+    # which fused vision graph each column ran (fp16: the fp16 graph; PyTorch: its own model)
+    assert [x["vision"].get("variant") for x in data["results"]] == [None, "fp32", "fp16"]
+    assert (
+        "| vision graph (cosine vs fp32, from calibration) | - | fp32 | fp16 |"
+        in (out / "results.md").read_text()
+    )
     r = run_fila("bench", "--compare", str(out / "results.json"), str(out / "results.json"))
     assert r.returncode == 0 and "| 1.000 |" in r.stdout
 
@@ -120,3 +127,28 @@ def test_power_of_a_column_adds_energy_and_tokens_over_its_rounds():
     assert merged["avg_power_w"] == 40.0 / 3.0  # time-weighted, not the mean of 10 W and 20 W
     assert merged["gr3d_pct"] == (50 * 2 + 90 * 1) / 3 and merged["emc_pct"] == 30
     assert merge_power([None, None]) is None
+
+
+def test_vision_ort_script_times_every_form_and_variant(tiny_artifacts, tiny_checkpoint, tmp_path):
+    """``benchmarks/vision_ort.py`` (the figures behind opset 20 and int8-cpu) runs end to end:
+    both GELU forms agree with PyTorch's ConvNeXt shape, the two attentions agree, and every
+    vision stage's ONNX Runtime variants are timed."""
+    from benchmarks import vision_ort
+    from runtime.manifest import Manifest
+
+    out = tmp_path / "vision_ort.json"
+    args = ["--checkpoint", str(tiny_checkpoint), "--artifacts", str(tiny_artifacts)]
+    result = vision_ort.main([*args, "--rounds", "1", "--out", str(out)])
+    assert set(result["gelu"]["ms"]) == {
+        "onnxruntime opset 18",
+        "onnxruntime opset 20",
+        "pytorch eager",
+    }
+    assert max(result["gelu"]["max_abs_diff_vs_pytorch"].values()) < 1e-4
+    assert result["attention"]["max_abs_diff"] < 1e-4
+    assert result["optimizer"]["max_abs_diff"] < 1e-3
+    manifest = Manifest.load(tiny_artifacts)
+    timed = {(r["stage"], r["variant"]) for r in result["variants"]}
+    for stage in [*manifest.vision_chain, "vision"]:
+        assert {(stage, v) for v in manifest.variants_for(stage, "onnxruntime")} <= timed
+    assert json.loads(out.read_text())["cpu"] == result["cpu"]

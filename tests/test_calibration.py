@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from benchmarks.targets import column_files
 from calibration.calibrate import calibrate
 from calibration.dataset import (
     ActivationStore,
@@ -23,8 +24,10 @@ from calibration.dataset import (
 from calibration.documents import make_document, write_documents
 from calibration.qdq import QUANT_OPS, check_trt_layout, qdq_parameters, quantized_nodes
 from calibration.sensitivity import quantize_vision_stage
+from runtime import onnx_io
 from runtime.manifest import Manifest
 from runtime.pipeline import FilaPipeline
+from runtime.variants import precision_spec, stage_variant
 from tests.conftest import run_fila
 
 VISION = [
@@ -232,7 +235,7 @@ def test_zero_points_are_int8_zero_and_weight_scales_per_output_channel(calibrat
 
 
 def test_only_conv_matmul_gemm_read_dequantized_activations(calibrated):
-    """LayerNorm, Softmax, GELU (Erf), residual adds: all stay fp32."""
+    """LayerNorm, Softmax, GELU, residual adds: all stay fp32."""
     folder, _ = calibrated
     for stage in VISION:
         model = onnx.load(folder / f"{stage}.int8.onnx")
@@ -245,7 +248,10 @@ def test_only_conv_matmul_gemm_read_dequantized_activations(calibrated):
 def test_every_vision_stage_meets_the_gate_and_is_in_the_manifest(calibrated):
     folder, report = calibrated
     manifest = Manifest.load(folder)  # hashes verified
-    assert [r.stage for r in report.stages] == VISION
+    assert [(r.stage, r.precision) for r in report.stages] == [
+        *((stage, "int8") for stage in VISION),
+        *((stage, "int8-cpu") for stage in CONV_STAGES),
+    ]
     for stage in VISION:
         entry = manifest.variant(stage, "int8")
         assert entry["file"] == f"{stage}.int8.onnx"
@@ -259,6 +265,48 @@ def test_every_vision_stage_meets_the_gate_and_is_in_the_manifest(calibrated):
     assert "int8" not in manifest.stage("embed")["variants"]
     assert (folder / "calibration_report.md").is_file()
     assert (folder / "calibration_report.json").is_file()
+
+
+CONV_STAGES = ["convnext", "vit.0", "vision"]  # the stages with convolutions (vit.0: patches)
+
+
+def optimized_ops(path, tmp_path) -> set[str]:
+    """The op types ONNX Runtime's CPU provider runs after its graph optimizations."""
+    out = tmp_path / f"{path.name}.optimized.onnx"
+    onnx_io.session(path, threads=1, optimized_cache=out)
+    return {n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node}
+
+
+def test_convolution_stages_get_onnxruntime_cpu_layout(calibrated, docs, tmp_path):
+    """onnxruntime convolves the TensorRT layout in fp32 (dequantized weights); the int8-cpu
+    layout (uint8 activations, Q/DQ on outputs, int32 bias) becomes QLinearConv, and the runtime
+    picks it for int8 on onnxruntime, never on TensorRT."""
+    folder, _ = calibrated
+    manifest = Manifest.load(folder)
+    for stage in CONV_STAGES:
+        entry = manifest.variant(stage, "int8-cpu")
+        assert entry["precision"] == "int8" and entry["backends"] == ["onnxruntime"]
+        assert entry["validated"] is True and entry["accuracy"]["cosine"] >= 0.99, stage
+        path = manifest.stage_path(stage, "int8-cpu")
+        model = onnx.load(str(path))
+        inits = {i.name: i for i in model.graph.initializer}
+        quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert quantize and all(
+            inits[n.input[2]].data_type == TensorProto.UINT8 for n in quantize
+        ), stage
+        assert "QLinearConv" in optimized_ops(path, tmp_path), stage
+        trt_layout = optimized_ops(manifest.stage_path(stage, "int8"), tmp_path)
+        assert "QLinearConv" not in trt_layout and "Conv" in trt_layout, stage
+    spec = precision_spec(manifest, "int8")
+    assert stage_variant(manifest, spec, "convnext", "onnxruntime") == "int8-cpu"
+    assert stage_variant(manifest, spec, "convnext", "tensorrt") == "int8"
+    assert stage_variant(manifest, spec, "vit.1", "onnxruntime") == "int8"  # no convolution
+    assert "int8-cpu" not in manifest.variants_for("vision", "tensorrt")
+    assert column_files(manifest, "onnxruntime", "int8")["vision"].name == "vision.int8-cpu.onnx"
+    assert column_files(manifest, "tensorrt", "int8")["vision"].name == "vision.int8.onnx"
+    pipe = FilaPipeline.from_artifacts(folder, precision="int8", threads=1)
+    answer = pipe.generate(next(docs.iterdir()), "What is it?", max_new_tokens=2, ignore_eos=True)
+    assert len(answer.token_ids) == 2
 
 
 def matmul_weight_bytes(path) -> int:

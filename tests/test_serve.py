@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fila_export.demo import CHECKPOINT, EXAMPLES
+from fila_export.demo import EXAMPLES
 from runtime.pipeline import FilaPipeline
 from runtime.reuse import Reuse
 from runtime.serve.app import create_app
@@ -51,15 +51,6 @@ class Server:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def demo_artifacts(tmp_path_factory) -> Path:
-    from fila_export.export.exporter import export_artifacts
-
-    out = tmp_path_factory.mktemp("serve") / "demo"
-    export_artifacts(CHECKPOINT, out, precisions=["fp32"], progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,9 @@ def test_precision_specs():
     )
     with pytest.warns(UserWarning, match="no w4 variant"):
         assert pick("decoder=w4", "decoder", ["fp32"]) == "fp32"
+    assert (
+        pick("int8+w4", "vit.0", VISION) == "int8" and pick("int8+w4", "decoder", DECODER) == "w4"
+    )
     with pytest.raises(FilaError, match="STAGE=PRECISION"):
         PrecisionSpec.parse("decoder=")
 

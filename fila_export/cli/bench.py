@@ -15,7 +15,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--artifacts")
     p.add_argument("--checkpoint", help="for the PyTorch eager baseline (backend torch)")
     p.add_argument("--backends", default="torch,onnxruntime")
-    p.add_argument("--precisions", help="one column per spec, e.g. fp32,w4 (default: the base)")
+    p.add_argument(
+        "--precisions", help="one column per spec, e.g. fp32,int8,w4,int8+w4 (default: the base)"
+    )
     p.add_argument("--images", help="folder; the first image is used (default: demo photos)")
     p.add_argument("--contexts", default="128,512,2048")
     p.add_argument("--warmup", type=int, default=3)

@@ -26,7 +26,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--stages", nargs="+", help="only these stages (default: all)")
     p.add_argument("--max-context", type=int, help="decoder context (default: model's, <= 4096)")
     p.add_argument(
-        "--max-batch", type=int, default=1, help="decoder batch the manifest's profiles allow"
+        "--max-batch",
+        type=int,
+        default=1,
+        help="decoder batch the manifest allows: TensorRT profiles, and the rows fila serve --max-batch decodes together",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_export)

@@ -21,6 +21,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-image-mb", type=float, default=20.0, help="largest image accepted")
     p.add_argument("--image-root", help="folder whose files requests may name by path")
     p.add_argument("--no-reuse", action="store_true", help="no image-feature or prefix cache")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=1,
+        help="requests decoded together (continuous batching; needs an export made with "
+        "fila export --max-batch N or more; turns prefix reuse off)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -31,6 +38,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ParameterError(f"--port must be 1-65535, got {args.port}")
     if args.max_queue < 1:
         raise ParameterError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if not 1 <= args.max_batch <= 64:
+        raise ParameterError(f"--max-batch must be 1-64, got {args.max_batch}")
     if args.max_image_mb <= 0:
         raise ParameterError(f"--max-image-mb must be positive, got {args.max_image_mb}")
     if args.image_root and not Path(args.image_root).is_dir():
@@ -49,6 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_image_bytes=int(args.max_image_mb * 2**20),
         image_root=Path(args.image_root) if args.image_root else None,
+        max_batch=args.max_batch,
     )
     pipeline = load_pipeline(args)
     name = args.model_name or Path(args.artifacts).resolve().name

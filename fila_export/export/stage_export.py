@@ -26,6 +26,7 @@ from fila_export.export.modules import (
     GraphIO,
     dynamic_shapes,
     export_values,
+    parity_inputs,
     sample_inputs,
     stage_module,
 )
@@ -36,7 +37,10 @@ from runtime.compare import compare, tolerance
 from runtime.errors import ExportError
 from runtime.spec import StageSpec
 
-OPSET = 18
+# 20: GELU is one ``Gelu`` node (opset 20) instead of Div/Erf/Add/Mul/Mul, which keeps ONNX
+# Runtime's CPU convolutions in their blocked layout (ConvNeXt 1.36x faster there); TensorRT 10's
+# parser reads opsets 9 to 20 and has Gelu.
+OPSET = 20
 
 
 @contextlib.contextmanager
@@ -101,6 +105,7 @@ def export_stage(
     wrapper = GraphIO(stage_module(model, spec.name), spec, dtype)
     inputs = sample_inputs(spec, export_values(spec), dtype=dtype)
     program = trace(wrapper, spec, inputs)
+    inputs = parity_inputs(spec, inputs)
     tensors = stage_weights(wrapper, model, store, dtype)
     stage_bytes = sum({key: t.nbytes for key, t in tensors.values()}.values())
     unique = {name: tensors[name][1] for name, _ in wrapper.named_parameters()}  # tied once

@@ -126,7 +126,7 @@ def text_specs(config: FilaConfig, max_context: int, max_batch: int) -> dict[str
         ),
     }
     if gqa_unsupported_reason(config.text) is None:
-        specs["decoder_gqa"] = gqa_decoder_spec(config, max_context)
+        specs["decoder_gqa"] = gqa_decoder_spec(config, max_context, max_batch)
     return specs
 
 
@@ -142,25 +142,27 @@ def kv_tensors(config: FilaConfig, prefix: str, leading: tuple) -> list[TensorSp
     ]
 
 
-def gqa_decoder_spec(config: FilaConfig, max_context: int) -> StageSpec:
-    """The ONNX Runtime decoder (``gqa_decoder``): one shared cache buffer per layer, (1, kv_heads,
-    total, head_dim), read and written in place; ``total`` is its length. Batch 1: ORT's kernel
-    takes multi-token steps after a prefix (chunked prefill) only for one row."""
+def gqa_decoder_spec(config: FilaConfig, max_context: int, max_batch: int = 1) -> StageSpec:
+    """The ONNX Runtime decoder (``gqa_decoder``): one shared cache buffer per layer, (batch,
+    kv_heads, total, head_dim), read and written in place; ``total`` is its length. Each row has
+    its own length (``seqlens_k``, ``position_ids``): a server steps requests of different lengths
+    together. Multi-token steps after a prefix (prefill, chunked prefill) run one row at a time,
+    on that row's slice of the buffers (ONNX Runtime's kernel takes them for batch 1 only)."""
     shape = DecoderShape.from_text_config(config.text)
-    axes = decoder_axes(max_context, 1)
-    del axes["past"], axes["batch"]
-    cache = (1, shape.kv_heads, "total", shape.head_dim)
+    axes = decoder_axes(max_context, max_batch)
+    del axes["past"]
+    cache = ("batch", shape.kv_heads, "total", shape.head_dim)
     return StageSpec(
         "decoder_gqa",
         [
-            TensorSpec("inputs_embeds", "float32", (1, "seq", config.text["hidden_size"])),
-            TensorSpec("position_ids", "int64", (1, "seq")),
-            TensorSpec("seqlens_k", "int32", (1,)),
+            TensorSpec("inputs_embeds", "float32", ("batch", "seq", config.text["hidden_size"])),
+            TensorSpec("position_ids", "int64", ("batch", "seq")),
+            TensorSpec("seqlens_k", "int32", ("batch",)),
             TensorSpec("total_sequence_length", "int32", ()),
             *[TensorSpec(t.name, "float32", cache) for t in kv_tensors(config, "past", ())],
         ],
         [
-            TensorSpec("logits", "float32", (1, config.vocab_size)),
+            TensorSpec("logits", "float32", ("batch", config.vocab_size)),
             *[TensorSpec(t.name, "float32", cache) for t in kv_tensors(config, "present", ())],
         ],
         axes,

@@ -21,7 +21,7 @@ from runtime.backends.tensorrt.loader import BUILD_INFO, ENGINE_DIR, import_tens
 from runtime.errors import FilaError
 from runtime.manifest import Manifest, sha256_file
 from runtime.profiles import Profile, stage_profiles
-from runtime.variants import choose_decoder, precision_spec
+from runtime.variants import choose_decoder, precision_spec, stage_variant
 
 
 def trt_major(version: str) -> int:
@@ -157,7 +157,7 @@ def build_plan(manifest: Manifest, precision: str, stages: Sequence[str] | None)
                 f"stage {name} runs on {', '.join(manifest.spec(name).backends)} only (its "
                 "manifest entry); TensorRT cannot build it"
             )
-    return [(name, spec.variant(name, manifest.variants_for(name, "tensorrt"))) for name in names]
+    return [(name, stage_variant(manifest, spec, name, "tensorrt")) for name in names]
 
 
 def shape_arg(profile_shapes: dict, index: int) -> str:

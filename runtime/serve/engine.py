@@ -2,7 +2,8 @@
 jobs through a bounded queue and read back events (text pieces, then the result or an error).
 
 The pipeline's sessions are used from that one thread only. A full queue refuses at once (429);
-a job whose client went away is cancelled at its next token, or skipped if still queued."""
+a job whose client went away is cancelled at its next token, or skipped if still queued. With
+``max_batch`` > 1 the worker steps up to that many requests together (``serve/batch.py``)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class Settings:
     max_queue: int = 16
     max_image_bytes: int = 20 * 2**20
     image_root: Path | None = None
+    max_batch: int = 1
 
 
 class Engine:
@@ -57,7 +59,12 @@ class Engine:
     ) -> None:
         self.pipeline, self.settings, self.metrics, self.reuse = pipeline, settings, metrics, reuse
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max(settings.max_queue, 1))
-        self.thread = threading.Thread(target=self._work, name="fila-engine", daemon=True)
+        work = self._work
+        if settings.max_batch > 1:
+            from runtime.serve.batch import BatchWorker
+
+            work = BatchWorker(self, settings.max_batch).run
+        self.thread = threading.Thread(target=work, name="fila-engine", daemon=True)
         self.request_seconds = 1.0  # a running mean, for Retry-After
 
     def start(self) -> None:
@@ -87,29 +94,45 @@ class Engine:
                 self.metrics.cancelled.inc()
                 continue
             t0 = time.perf_counter()
-            try:
-                job.send("done", self._run(job))
-            except Cancelled:
-                pass
-            except FilaError as exc:  # the request's fault: a 4xx for the client
-                job.send("error", exc if isinstance(exc, RequestError) else RequestError(str(exc)))
-            except Exception as exc:  # noqa: BLE001 - a failed request must not stop the worker
-                job.send("fatal", exc)
+            self.guarded(job, lambda j=job: j.send("done", self._run(j)))
             self.request_seconds = 0.8 * self.request_seconds + 0.2 * (time.perf_counter() - t0)
 
-    def _run(self, job: Job) -> GenerationResult:
+    def guarded(self, job: Job, work) -> None:
+        """Run ``work`` for ``job``; its failure goes to its client, never stops the worker."""
+        try:
+            work()
+        except Cancelled:
+            pass
+        except FilaError as exc:  # the request's fault: a 4xx for the client
+            job.send("error", exc if isinstance(exc, RequestError) else RequestError(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a failed request must not stop the worker
+            job.send("fatal", exc)
+
+    def request(self, job: Job) -> Request:
+        """The job's images read and preprocessed (or found in the feature cache), its
+        conversation as ids."""
         pipe, s = self.pipeline, self.settings
         urls = [image_bytes(u, s.image_root, s.max_image_bytes) for u in job.image_urls]
         features = [pipe.image_features(data, self.reuse) for data in urls]
         prompt_ids, ids = pipe.prompts.chat_ids(job.messages, [f.num_tokens for f in features])
         sampling = SamplingParams(**job.sampling)
-        request = Request(prompt_ids, ids, features, job.max_new_tokens, sampling, job.stop)
+        return Request(prompt_ids, ids, features, job.max_new_tokens, sampling, job.stop)
+
+    def _run(self, job: Job) -> GenerationResult:
+        request = self.request(job)
         waited = time.perf_counter() - job.arrived
 
         def on_text(piece: str) -> None:
             job.send("text", piece)
 
-        result = pipe.answer(request, on_text, reuse=self.reuse, should_stop=job.cancelled.is_set)
+        result = self.pipeline.answer(
+            request, on_text, reuse=self.reuse, should_stop=job.cancelled.is_set
+        )
+        self.record(job, result, waited)
+        return result
+
+    def record(self, job: Job, result: GenerationResult, waited: float) -> None:
+        """A finished request's figures into the metrics (``Cancelled`` if its client left)."""
         n = len(result.token_ids)
         self.metrics.tokens.inc(n)
         if job.cancelled.is_set():
@@ -119,4 +142,3 @@ class Engine:
         self.metrics.cached.inc(result.timings.get("cached_positions", 0))
         if n > 1:
             self.metrics.token_latency.observe(result.timings["decode_s"] / (n - 1))
-        return result
