@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.backends.base import np_dtype
 from runtime.errors import FilaError
 from runtime.generate import DecoderShape
 from runtime.kv_cache import SharedKVCache
@@ -21,12 +22,13 @@ class BatchDecoder:
     """``rows`` slots on one ``decoder_gqa`` runner, each with its own length."""
 
     def __init__(self, runner, shape: DecoderShape, rows: int, max_len: int) -> None:
-        inputs = {meta.name for meta in getattr(runner, "inputs", ())}
+        inputs = {meta.name: meta for meta in getattr(runner, "inputs", ())}
         if "seqlens_k" not in inputs:
             raise FilaError("batched decoding needs the decoder_gqa graph (ONNX Runtime)")
         self.runner, self.rows, self.max_len = runner, rows, max_len
+        dtype = np_dtype(inputs["past.0.key"].dtype)  # an fp16 graph keeps an fp16 cache
         self.cache = SharedKVCache(
-            shape.num_layers, rows, shape.kv_heads, shape.head_dim, max_len, np.float32
+            shape.num_layers, rows, shape.kv_heads, shape.head_dim, max_len, dtype
         )
         self.lengths = np.zeros(rows, dtype=np.int64)
         self.logits = np.zeros((rows, shape.vocab), dtype=np.float32)

@@ -118,15 +118,26 @@ def choose_variant(manifest, spec: str | PrecisionSpec | None, stage: str) -> st
 
 def stage_variant(manifest, spec: PrecisionSpec, stage: str, backend: str) -> str:
     """The variant of ``stage`` that ``spec`` picks on ``backend``. Where several variants hold
-    the precision picked (their entries' ``precision``), the one made for the fewest backends
-    runs: on ONNX Runtime, a convolution stage's ``int8-cpu`` layout rather than the ``int8``
-    TensorRT layout (as ``decoder_gqa`` rather than ``decoder``)."""
+    the precision picked (their entries' ``precision``), one that met its accuracy gate, then
+    the one made for the fewest backends runs: on ONNX Runtime, a convolution stage's
+    ``int8-cpu`` layout rather than the ``int8`` TensorRT layout (as ``decoder_gqa`` rather than
+    ``decoder``)."""
     runnable = manifest.variants_for(stage, backend)
     chosen = spec.variant(stage, runnable)
     entries = {v: manifest.variant(stage, v) for v in runnable}
     default = manifest.stage(stage).get("backends", ["onnxruntime", "tensorrt"])
     same = [v for v in runnable if v == chosen or entries[v].get("precision") == chosen]
-    return min(same, key=lambda v: (len(entries[v].get("backends", default)), v != chosen))
+    if not same:
+        raise PrecisionError(
+            f"stage {stage} has no {chosen} variant that runs on {backend} (it has "
+            f"{', '.join(runnable) or 'none'})"
+        )
+
+    def preference(v: str) -> tuple:  # validated first, then the narrowest, then the name asked
+        failed = entries[v].get("validated") is False
+        return failed, len(entries[v].get("backends", default)), v != chosen
+
+    return min(same, key=preference)
 
 
 def decoder_stages(manifest) -> list[str]:

@@ -72,6 +72,24 @@ def test_rows_of_different_lengths_join_and_leave_and_decode_as_alone(pipe):
             np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
 
 
+def test_an_fp16_decoder_batches_on_an_fp16_cache(tiny_artifacts):
+    """The batch buffer takes the graph's cache dtype (fp16 here), rows as they decode alone."""
+    pipeline = FilaPipeline.from_artifacts(tiny_artifacts, precision="fp16", threads=1)
+    try:
+        runner = pipeline.runners[pipeline.decoder_stage]
+        batch = BatchDecoder(runner, pipeline.decoder_shape, 2, 32)
+        assert batch.cache.buffer.dtype == np.float16
+        rng = np.random.default_rng(1)
+        prompts = [pipeline.embed(rng.integers(4, 60, (1, n))) for n in (6, 9)]
+        firsts = [int(batch.prefill(r, p).argmax()) for r, p in enumerate(prompts)]
+        logits = batch.step(pipeline.embed(np.array([[t] for t in firsts])), np.ones(2, bool))
+        for r, p in enumerate(prompts):
+            tokens, _ = solo(pipeline, p, 2)
+            assert [firsts[r], int(logits[r].argmax())] == tokens
+    finally:
+        pipeline.close()
+
+
 def test_serve_decodes_concurrent_requests_together_with_fila_runs_answers(demo_artifacts, pipe):
     openai = pytest.importorskip("openai")
     from tests.test_serve import Server, ask, data_url, examples

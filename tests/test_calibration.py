@@ -302,6 +302,8 @@ def test_convolution_stages_get_onnxruntime_cpu_layout(calibrated, docs, tmp_pat
     assert stage_variant(manifest, spec, "convnext", "tensorrt") == "int8"
     assert stage_variant(manifest, spec, "vit.1", "onnxruntime") == "int8"  # no convolution
     assert "int8-cpu" not in manifest.variants_for("vision", "tensorrt")
+    manifest.stage("convnext")["variants"]["int8-cpu"]["validated"] = False  # in memory only
+    assert stage_variant(manifest, spec, "convnext", "onnxruntime") == "int8"  # the one that passed
     assert column_files(manifest, "onnxruntime", "int8")["vision"].name == "vision.int8-cpu.onnx"
     assert column_files(manifest, "tensorrt", "int8")["vision"].name == "vision.int8.onnx"
     pipe = FilaPipeline.from_artifacts(folder, precision="int8", threads=1)

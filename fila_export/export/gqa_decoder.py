@@ -8,8 +8,12 @@ attention with ORT's GroupQueryAttention kernel (what onnxruntime-genai runs): t
 buffer per layer, (batch, kv_heads, max_len, head_dim), bound as both ``past.*`` and ``present.*``;
 the kernel writes the new positions into it and reads the prefix in place, and query groups share
 their KV head without a copy. ``seqlens_k`` (position of the last token, per row) and
-``total_sequence_length`` say how much of the buffer is filled. Rows are unpadded (the pipeline
-runs batch 1); padded batches use the portable graph.
+``total_sequence_length`` say how much of the buffer is filled. Rows are unpadded; each row may
+have its own length in a one-token step (``runtime.batching``: a server decoding requests
+together), while a multi-token step after a prefix runs one row. Padded batches use the portable
+graph. The export checks the graph against PyTorch on one row (the eager reference below assumes
+rows of one length); rows of different lengths are checked against each row decoded alone
+(tests/test_batching.py).
 
 In PyTorch the attention is a custom op whose eager implementation is ordinary SDPA over the same
 buffer, so parity checks compare the graph against this module; the exporter maps the op to the

@@ -53,7 +53,11 @@ class BatchWorker:
         self.running: dict[int, Running] = {}
 
     def run(self) -> None:
-        while self.admit():
+        """Admit and step until the engine stops; requests still running then are finished."""
+        admitting = True
+        while admitting or self.running:
+            if admitting:
+                admitting = self.admit()
             if self.running:
                 self.step()
 
@@ -75,9 +79,10 @@ class BatchWorker:
 
     def start(self, job) -> None:
         """Prefill a request into a free row and sample its first token."""
+        started = time.perf_counter()
         row = next(r for r in range(self.decoder.rows) if r not in self.running)
         request = self.engine.request(job)
-        waited = time.perf_counter() - job.arrived
+        waited = started - job.arrived
         embeds, timings = self.pipe.request_embeds(request, self.engine.reuse)
         t0 = time.perf_counter()
         logits = self.decoder.prefill(row, embeds)
@@ -89,20 +94,24 @@ class BatchWorker:
             lambda piece: job.send("text", piece),
         )
         rng = np.random.default_rng(request.sampling.seed)
-        self.running[row] = Running(job, request, answer, rng, timings, waited)
-        self.running[row].first_token_at = time.perf_counter()
-        self.advance(row, logits)
+        run = Running(job, request, answer, rng, timings, waited, started=started)
+        run.first_token_at = time.perf_counter()
+        try:
+            self.advance(row, run, logits)
+        except Exception:
+            self.decoder.free(row)
+            raise
 
-    def advance(self, row: int, logits: np.ndarray) -> None:
-        """Sample a row's next token; the request leaves when its answer is complete."""
-        run = self.running[row]
+    def advance(self, row: int, run: Running, logits: np.ndarray) -> None:
+        """Sample a row's next token: the request holds its row until its answer is complete."""
         params = run.request.sampling
         token = int(sample(logits[None], params, run.rng, [run.answer.tokens])[0])
         run.samples += 1
         if run.answer.push(token) or run.samples >= run.request.max_new_tokens:
-            self.finish(row)
+            self.finish(row, run)
         else:
             run.last = token
+            self.running[row] = run
 
     def step(self) -> None:
         """One decode step for every running request (a cancelled one leaves first)."""
@@ -120,18 +129,23 @@ class BatchWorker:
         try:
             logits = self.decoder.step(self.pipe.embed(tokens), active)
         except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving
-            for row in list(self.running):
-                self.leave(row).job.send("fatal", exc)
+            for row, run in list(self.running.items()):
+                self.leave(row)
+                run.job.send("fatal", exc)
             return
-        for row in list(self.running):
-            self.advance(row, logits[row])
+        for row, run in list(self.running.items()):
+            try:
+                self.advance(row, run, logits[row])
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                self.leave(row)
+                run.job.send("fatal", exc)
 
-    def leave(self, row: int) -> Running:
+    def leave(self, row: int) -> Running | None:
         self.decoder.free(row)
-        return self.running.pop(row)
+        return self.running.pop(row, None)
 
-    def finish(self, row: int) -> None:
-        run = self.leave(row)
+    def finish(self, row: int, run: Running) -> None:
+        self.leave(row)
         decode_s = time.perf_counter() - run.first_token_at
         before = sum(run.timings.values())
         run.timings |= {
@@ -147,9 +161,12 @@ class BatchWorker:
             run.timings,
             self.pipe.backend,
         )
-        self.engine.guarded(run.job, lambda: self.engine.record(run.job, result, run.waited))
-        if not run.job.cancelled.is_set():
+
+        def deliver() -> None:
+            self.engine.record(run.job, result, run.waited)  # Cancelled if its client left
             run.job.send("done", result)
-        self.engine.request_seconds = 0.8 * self.engine.request_seconds + 0.2 * (
-            time.perf_counter() - run.started
-        )
+
+        self.engine.guarded(run.job, deliver)
+        # rows run side by side: a request occupies the worker for its time / rows
+        share = (time.perf_counter() - run.started) / self.decoder.rows
+        self.engine.request_seconds = 0.8 * self.engine.request_seconds + 0.2 * share
