@@ -362,8 +362,8 @@ def generate(
     check_max_new_tokens(max_new_tokens)
     rng = np.random.default_rng(params.seed)
     batch = prompt_embeds.shape[0]
-    rows = [AnswerRow(eos_ids) for _ in range(batch)]
-    rows[0] = AnswerRow(eos_ids, stop_strings, decode_text, on_text)
+    rows = [AnswerRow(eos_ids, stop_strings, decode_text, on_text)]  # row 0 streams
+    rows += [AnswerRow(eos_ids) for _ in range(batch - 1)]
     t0 = time.perf_counter()
     if cached:
         decoder.truncate(cached)

@@ -9,7 +9,6 @@ lives in its row of the shared buffer); the image-feature cache still applies.
 
 from __future__ import annotations
 
-import queue
 import time
 from dataclasses import dataclass, field
 
@@ -64,16 +63,9 @@ class BatchWorker:
     def admit(self) -> bool:
         """Fill free rows from the queue, waiting for a request when none runs; False at stop."""
         while len(self.running) < self.decoder.rows:
-            try:
-                job = self.engine.jobs.get(block=not self.running)
-            except queue.Empty:
-                return True
-            if job is None:
-                return False
-            self.engine.metrics.queue.set(self.engine.jobs.qsize())
-            if job.cancelled.is_set():  # its client left while it waited
-                self.engine.metrics.cancelled.inc()
-                continue
+            job = self.engine.take(block=not self.running)
+            if not job:
+                return job is not None  # False: none waiting, keep stepping; None: stop
             self.engine.guarded(job, lambda j=job: self.start(j))
         return True
 

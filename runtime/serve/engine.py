@@ -87,12 +87,23 @@ class Engine:
     def retry_after(self) -> int:
         return max(1, round(self.request_seconds * (self.jobs.qsize() + 1)))
 
+    def take(self, block: bool = True) -> Job | None | bool:
+        """The next queued job whose client is still there; None when the engine stops, False
+        when ``block`` is off and none is waiting."""
+        while True:
+            try:
+                job = self.jobs.get(block=block)
+            except queue.Empty:
+                return False
+            if job is not None:
+                self.metrics.queue.set(self.jobs.qsize())
+                if job.cancelled.is_set():  # its client left while it waited
+                    self.metrics.cancelled.inc()
+                    continue
+            return job
+
     def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            self.metrics.queue.set(self.jobs.qsize())
-            if job.cancelled.is_set():  # its client left while it waited
-                self.metrics.cancelled.inc()
-                continue
+        while (job := self.take()) is not None:
             t0 = time.perf_counter()
             self.guarded(job, lambda j=job: j.send("done", self._run(j)))
             self.request_seconds = 0.8 * self.request_seconds + 0.2 * (time.perf_counter() - t0)
