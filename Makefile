@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[runtime,cpu,export,serve,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[runtime,cpu,export,serve,peers,dev]'
 	touch $(STAMP)
 
 demo: setup

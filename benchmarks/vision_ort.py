@@ -21,7 +21,6 @@ medians and ratios are printed (and written with ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.op_profile import graph_profile  # noqa: E402 - after the path set-up
 
 IMAGE = ROOT / "fila_export/demo/examples/photos/chelsea.jpg"
 
@@ -98,7 +99,7 @@ def gelu_forms(checkpoint: Path, global_view: np.ndarray, threads: int, rounds: 
             sess = onnx_io.session(path, threads)
             feed = {sess.get_inputs()[0].name: global_view}
             fns[f"onnxruntime opset {opset}"] = lambda s=sess, f=feed: s.run(None, f)
-            profiles[f"opset {opset}"] = op_profile(path, feed, threads)
+            profiles[f"opset {opset}"] = graph_profile(path, feed, threads)
         fns["pytorch eager"] = torch.no_grad()(lambda: Maps()(x))
         want = [t.numpy() for t in fns["pytorch eager"]()]
         diff = {
@@ -114,25 +115,6 @@ def gelu_forms(checkpoint: Path, global_view: np.ndarray, threads: int, rounds: 
         "opset18_over_opset20": ratio(ms, "onnxruntime opset 18", "onnxruntime opset 20"),
         "torch_over_opset20": ratio(ms, "pytorch eager", "onnxruntime opset 20"),
     }
-
-
-def op_profile(session_path: Path, feeds: dict, threads: int) -> dict[str, float]:
-    """ms per op type of one run (after a warm-up), from ONNX Runtime's profiler, largest first."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(session_path.with_suffix(""))
-    sess = ort.InferenceSession(str(session_path), opts, providers=["CPUExecutionProvider"])
-    sess.run(None, feeds)
-    sess.run(None, feeds)
-    events = json.loads(Path(sess.end_profiling()).read_text())
-    by_op: dict[str, float] = {}
-    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    for e in kernels:
-        by_op[e["args"]["op_name"]] = by_op.get(e["args"]["op_name"], 0) + e["dur"] / 2000
-    return {k: round(v, 1) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}
 
 
 def gemm_forms(rows: int, width: int, mlp: int, threads: int, rounds: int) -> dict:

@@ -37,6 +37,7 @@ from calibration.report import CalibrationReport, StageRow
 from calibration.sensitivity import StageQuantization, quantize_vision_stage
 from calibration.weight_only import (
     EMBED_BLOCK,
+    INT4_QDQ_BLOCK,
     LLM_PRECISIONS,
     quantize_decoder,
     quantize_decoder_int4_qdq,
@@ -64,12 +65,12 @@ QUANT_SCHEME = {
     # accuracy_level 4: MatMulNBits multiplies with int8-quantized activations (per block), the
     # fast CPU kernels; level 0 keeps fp32 activations (w8 at level 0 is slower than fp32 on CPU)
     "w8": {
-        "weights": "int8 block-wise symmetric (block 32), MatMulNBits",
+        "weights": "int8 block-wise symmetric, MatMulNBits",
         "activations": "fp32",
         "format": "com.microsoft MatMulNBits",
     },
     "w4": {
-        "weights": "int4 block-wise symmetric (block 32), MatMulNBits",
+        "weights": "int4 block-wise symmetric, MatMulNBits",
         "activations": "fp32",
         "format": "com.microsoft MatMulNBits",
     },
@@ -99,6 +100,7 @@ class CalibrationSettings:
     e2e_images: int = 3
     rank_images: int = 1
     llm_accuracy_level: int = 4
+    llm_block_size: int = 32
     threads: int | None = None
     questions: str | Path | None = None
 
@@ -284,7 +286,11 @@ def quantize_llm(manifest: Manifest, work: Path, llm_list: list[str], s, say) ->
         say(f"{llm} {precision}")
         path = work / f"{llm}.{precision}.onnx"
         quantize_decoder(
-            manifest.stage_path(llm), path, precision, accuracy_level=s.llm_accuracy_level
+            manifest.stage_path(llm),
+            path,
+            precision,
+            block_size=s.llm_block_size,
+            accuracy_level=s.llm_accuracy_level,
         )
         made.decoders[precision] = path
     if "w4" in llm_list and llm != "decoder" and "decoder" in manifest.stages:
@@ -325,14 +331,16 @@ def decoder_entries(manifest, made: Variants, report, split, s) -> dict[tuple[st
         scheme = QUANT_SCHEME["w4-qdq"] if qdq else QUANT_SCHEME[row.precision]
         entries[(row.stage, row.precision)] = {
             "precision": row.precision,
-            "method": "rtn-block32-symmetric",
+            "method": f"rtn-block{INT4_QDQ_BLOCK if qdq else s.llm_block_size}-symmetric",
             "calibration_set_sha256": None,
             "evaluation_set_sha256": hash_images(split.held_out),
             "excluded_layers": [],
             "accuracy": accuracy_entry(row.metrics),
             "validated": row.validated,
             "gate": {"rel_l2": tolerance(row.precision)},
-            "scheme": scheme if qdq else scheme | {"accuracy_level": s.llm_accuracy_level},
+            "scheme": scheme
+            if qdq
+            else scheme | {"accuracy_level": s.llm_accuracy_level, "block_size": s.llm_block_size},
         }
     for precision, (path, metrics) in made.embeds.items():
         ok = metrics.rel_l2 <= tolerance(precision)

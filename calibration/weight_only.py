@@ -51,9 +51,12 @@ def quantize_decoder(
 
 
 QDQ_INT4_OPSET = 21  # int4 tensors and DequantizeLinear's block_size exist from opset 21
+INT4_QDQ_BLOCK = 32  # TensorRT 10's INT4 weight-only GEMM blocks
 
 
-def quantize_decoder_int4_qdq(fp32_path: Path, out: Path, block_size: int = 32) -> list[Path]:
+def quantize_decoder_int4_qdq(
+    fp32_path: Path, out: Path, block_size: int = INT4_QDQ_BLOCK
+) -> list[Path]:
     """INT4 weight-only for TensorRT: every constant (K, N) MatMul weight becomes int4 blocks of
     ``block_size`` along K with a positive fp32 scale per block (zero point 0), read
     through ``DequantizeLinear(axis=0, block_size)`` -> MatMul: TensorRT 10's INT4 weight-only

@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 
-def _status_kb(field: str) -> float:
+def status_kb(field: str, pid: int | str = "self") -> float:
+    """A ``/proc/PID/status`` field in kB (NaN where it cannot be read)."""
     try:
-        text = Path("/proc/self/status").read_text()
+        text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return float("nan")
     match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
@@ -18,7 +19,7 @@ def _status_kb(field: str) -> float:
 
 def rss_mb() -> float:
     """Resident memory now (``VmRSS``; NaN where there is no ``/proc``)."""
-    return _status_kb("VmRSS") / 1024
+    return status_kb("VmRSS") / 1024
 
 
 def peak_rss_bytes() -> int:
@@ -26,7 +27,7 @@ def peak_rss_bytes() -> int:
     peak across fork + exec, so a spawned process would report its parent's), else ``ru_maxrss``."""
     import resource
 
-    hwm = _status_kb("VmHWM")
+    hwm = status_kb("VmHWM")
     if not math.isnan(hwm):
         return int(hwm * 1024)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

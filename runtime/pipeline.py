@@ -27,7 +27,7 @@ from runtime.reuse import Reuse, content_key, position_keys
 from runtime.variants import PrecisionSpec, choose_decoder, precision_spec, stage_variant
 from runtime.vision import VisionEncoder, pack
 
-VISION_MODES = ("fused", "modular")
+VISION_MODES = ("fused", "modular", "none")
 REUSE_HEADROOM = 1024  # positions a reusable decoder keeps beyond its first request
 
 
@@ -140,17 +140,18 @@ class FilaPipeline:
         **options,
     ) -> FilaPipeline:
         """Load an export (each file hash-checked as it is opened). ``vision``: the ``fused``
-        graph or the ``modular`` chain. ``decoder``: ``gqa`` (ONNX Runtime's in-place
+        graph, the ``modular`` chain, or ``none`` (text only: the LLM's memory alone). ``decoder``: ``gqa`` (ONNX Runtime's in-place
         GroupQueryAttention graph), ``portable`` (standard ONNX, the TensorRT one), or ``auto``:
         the graph the manifest made for this backend."""
         if vision not in VISION_MODES:
-            raise FilaError(f"vision must be 'fused' or 'modular', got {vision!r}")
+            raise FilaError(f"vision must be one of {', '.join(VISION_MODES)}, got {vision!r}")
         manifest = Manifest.load(folder)
         decoder_stage = choose_decoder(manifest, backend, decoder)
         chain = manifest.vision_chain
         if vision == "modular" and "projector" not in chain:
             raise FilaError("this export has no modular vision stages; use vision='fused'")
-        names = ["embed", decoder_stage, *(["vision"] if vision == "fused" else chain)]
+        stages = {"fused": ["vision"], "modular": chain, "none": []}[vision]
+        names = ["embed", decoder_stage, *stages]
         runners = load_runners(manifest, names, backend, precision, **options)
         return cls(manifest, runners, prompt_builder(manifest), backend, decoder_stage)
 

@@ -550,3 +550,18 @@ def test_embedding_variants_are_block_quantized_gathers_for_onnxruntime(calibrat
     assert 0 < rel < 0.2
     rows = {(r.stage, r.precision) for r in report.decoder}
     assert {("embed", "w8"), ("embed", "w4")} <= rows
+
+
+def test_llm_block_size_is_the_matmulnbits_block(tiny_artifacts, tmp_path):
+    """``fila calibrate --llm-block-size``: weights per scale of every MatMulNBits."""
+    from calibration.weight_only import quantize_decoder
+    from runtime.manifest import Manifest
+
+    source = Manifest.load(tiny_artifacts).stage_path("decoder_gqa")
+    blocks = {}
+    for size in (32, 64):
+        quantize_decoder(source, tmp_path / f"d{size}.onnx", "w4", block_size=size)
+        graph = onnx.load(tmp_path / f"d{size}.onnx").graph
+        nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        blocks[size] = {a.i for n in nodes for a in n.attribute if a.name == "block_size"}
+    assert blocks == {32: {32}, 64: {64}}

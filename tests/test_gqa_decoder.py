@@ -129,3 +129,38 @@ def test_trt_check_skips_the_onnxruntime_only_graph(tiny_artifacts):
     assert report.skipped == ["decoder_gqa"]
     assert ("decoder", "fp32") in report.graphs
     assert not any(stage == "decoder_gqa" for stage, _ in report.graphs)
+
+
+def test_norms_and_rotary_run_as_onnx_runtimes_fused_kernels(tiny_artifacts):
+    """RMSNorm reaches ORT's optimizer in the form it fuses, rotary as its RotaryEmbedding: a
+    step runs those kernels, not the dozen elementwise nodes per layer they replace."""
+    from benchmarks.decode_profile import step_profile
+
+    ops = step_profile(tiny_artifacts, "fp32", context=8, steps=2, threads=1)["ms_by_op"]
+    assert {"SimplifiedLayerNormalization", "RotaryEmbedding", "GroupQueryAttention"} <= set(ops)
+    assert not {"Reciprocal", "Sqrt", "Neg", "Pow"} & set(ops)
+
+
+def test_cache_bound_once_gives_the_logits_of_binding_every_step(tiny_artifacts):
+    """The decoder binds its in-place cache to the session once (``bind_fixed``); a runner
+    without that (binding all 2 x layers buffers every step) must see the same logits."""
+
+    class EveryStep:
+        def __init__(self, runner):
+            self.runner, self.inputs = runner, runner.inputs
+
+        def infer_into(self, feeds, outputs, release=False):
+            self.runner.infer_into(feeds, outputs, release)
+
+    pipe = FilaPipeline.from_artifacts(tiny_artifacts, vision="none")
+    runner = pipe.runners["decoder_gqa"]
+    ids = np.arange(4, 14, dtype=np.int64)[None]
+    logits = {}
+    for name, r in {"once": runner, "every": EveryStep(runner)}.items():
+        decoder = pipe.new_decoder(20, runner=r)
+        out = [decoder.prefill(pipe.embed(ids), np.ones_like(ids)).copy()]
+        for token in (5, 9, 11):
+            out.append(decoder.decode_one_token(pipe.embed(np.array([[token]]))).copy())
+        logits[name] = np.stack(out)
+    assert pipe.new_decoder(4).binding is None  # made at the first run
+    np.testing.assert_array_equal(logits["once"], logits["every"])

@@ -134,3 +134,45 @@ def test_a_pipeline_reports_its_peak_memory(tiny_artifacts):
     pipe = FilaPipeline.from_artifacts(tiny_artifacts)
     out = pipe.generate(np.zeros((60, 90, 3), np.uint8), "Hi", max_new_tokens=3)
     assert out.peak_rss_mb > 50 and out.to_dict()["peak_rss_mb"] == round(out.peak_rss_mb, 1)
+
+
+def test_graphs_over_the_mapped_threshold_keep_weights_outside_and_the_caller_keeps_its_proto(
+    tmp_path, monkeypatch
+):
+    """Weight-heavy graphs are written with external data (ONNX Runtime memory-maps it); the
+    proto handed to ``save`` still holds its weights afterwards (calibration reads it on)."""
+    from onnx import helper, numpy_helper
+
+    from runtime import onnx_io
+
+    weight = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph)
+    assert onnx_io.save(model, tmp_path / "small.onnx") == [tmp_path / "small.onnx"]
+    monkeypatch.setattr(onnx_io, "MAPPED_WEIGHTS_ABOVE", 0)
+    files = onnx_io.save(model, tmp_path / "big.onnx")
+    assert files == [tmp_path / "big.onnx", tmp_path / "big.onnx.data"]
+    assert external_refs(tmp_path / "big.onnx")["w"][0] == "big.onnx.data"
+    np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), weight)
+    x = np.ones((1, 64), np.float32)
+    got = onnx_io.session(tmp_path / "big.onnx").run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ weight, rtol=1e-6)
+
+
+def test_contexts_past_the_model_and_length_dependent_rope_are_refused():
+    from fila_export.export.stages import gqa_unsupported_reason, stage_specs
+    from fila_export.model.config import preset
+    from runtime.errors import ConfigError
+
+    config = preset("tiny")
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        stage_specs(config, max_context=config.max_position_embeddings + 1)
+    text = dict(config.text, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert "dynamic" in gqa_unsupported_reason(text)
+    assert gqa_unsupported_reason(config.text) is None

@@ -52,6 +52,19 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--out", default="benchmarks/results/latest")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
+    peers = p.add_argument_group("side by side with other engines (LLM only)")
+    peers.add_argument(
+        "--peers",
+        help="llama.cpp,onnxruntime-genai: each converted from --checkpoint's LLM, same token ids "
+        "(precisions fp32, w8, w4; contexts from --contexts; one thread unless --threads)",
+    )
+    peers.add_argument(
+        "--llama-cpp", help="llama.cpp source tree built with cmake (or $FILA_LLAMA_CPP)"
+    )
+    peers.add_argument("--prefill-tokens", type=int, default=512, help="prefill length timed")
+    peers.add_argument(
+        "--peers-work", default="build/peers", help="where the peers' converted files are kept"
+    )
     load = p.add_argument_group("load on a running fila serve")
     load.add_argument("--serve", metavar="URL", help="e.g. http://127.0.0.1:8000 (this machine)")
     load.add_argument("--concurrency", default="1,2,4,8", help="streams at once, per level")
@@ -86,6 +99,52 @@ def cmd_serve_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from benchmarks.peers import report, run
+
+    if not (args.artifacts and args.checkpoint):
+        raise FilaError("fila bench --peers needs --artifacts and --checkpoint (the LLM weights)")
+    contexts = tuple(int(c) for c in split_list(args.contexts))
+    vocab, eos = run.vocab_and_eos(args.artifacts)
+    settings = run.PeerSettings(
+        threads=args.threads or 1,
+        contexts=contexts,
+        decode_steps=args.decode_steps,
+        prefill_tokens=args.prefill_tokens,
+        rounds=args.rounds,
+        check_tokens=args.answer_tokens,
+        vocab=vocab,
+        eos=eos,
+    )
+    folder = Path(args.out)
+    out = run.run_peers(
+        args.artifacts,
+        args.checkpoint,
+        split_list(args.peers),
+        split_list(args.precisions or "fp32,w4"),
+        settings,
+        Path(args.peers_work),
+        args.llama_cpp,
+    )
+    out["command"] = "fila " + " ".join(sys.argv[1:])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "peers.json").write_text(json.dumps(out, indent=2))
+    table = report.markdown(out)
+    (folder / "peers.md").write_text(f"`{out['command']}`\n\n{table}\n")
+    print(table)
+    if not out["fp32_same_tokens"]:
+        print(
+            "error: a peer's fp32 greedy tokens differ from ours (table above): the figures "
+            "may not compare the same model",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks import bench, report
 
@@ -94,6 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.serve:
         return cmd_serve_load(args)
+    if args.peers:
+        return cmd_peers(args)
     if not args.artifacts:
         raise FilaError("fila bench needs --artifacts (or --compare A.json B.json)")
     try:

@@ -37,6 +37,14 @@ def add_parsers(sub) -> None:
         help="MatMulNBits accuracy_level: 4 = int8 activations (fast on CPU), 0 = fp32",
     )
     p.add_argument(
+        "--llm-block-size",
+        type=int,
+        choices=[16, 32, 64, 128, 256],
+        default=32,
+        help="MatMulNBits block (weights per scale): 32 = llama.cpp Q4_0's; larger decodes "
+        "faster on CPU and loses accuracy (benchmarks/README.md, 'Peers')",
+    )
+    p.add_argument(
         "--stages", nargs="+", help="only these vision stages (default: all; none: the LLM only)"
     )
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens compared per image")
@@ -64,6 +72,7 @@ SETTINGS = (
     "tokens",
     "e2e_images",
     "llm_accuracy_level",
+    "llm_block_size",
     "threads",
     "questions",
 )

@@ -82,38 +82,89 @@ def _(
     )
 
 
+@torch.library.custom_op("fila::rotary_embedding", mutates_args=())
+def rotary_embedding(
+    x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor
+) -> torch.Tensor:
+    """Eager reference of ORT's ``RotaryEmbedding`` (non-interleaved, the whole head rotated):
+    ``x`` is (batch, seq, heads * head_dim), the caches (max_positions, head_dim / 2)."""
+    batch, seq, width = x.shape
+    half = cos_cache.shape[-1]
+    heads = x.view(batch, seq, width // (2 * half), 2 * half).float()
+    cos = cos_cache[position_ids].float()[:, :, None]
+    sin = sin_cache[position_ids].float()[:, :, None]
+    first, second = heads[..., :half], heads[..., half:]
+    out = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    return out.to(x.dtype).reshape(batch, seq, width)
+
+
+@rotary_embedding.register_fake
+def _(x, position_ids, cos_cache, sin_cache):
+    return x.new_empty(x.shape)
+
+
+def rotary_caches(model, positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, head_dim / 2) cos and sin tables from the model's own rotary embedding (its
+    frequencies and any rope scaling), for ``rotary_embedding``."""
+    rotary = model.language_model.model.rotary_emb
+    ids = torch.arange(positions)[None]
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), ids)
+    half = cos.shape[-1] // 2
+    return cos[0, :, :half].to(dtype), sin[0, :, :half].to(dtype)
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The Llama-family RMSNorm (computed in fp32) as ``x / sqrt(mean(x^2) + eps) * weight``: the
+    form ONNX Runtime fuses into one ``SimplifiedLayerNormalization``; the module's ``rsqrt``
+    exports as Sqrt + Reciprocal, which it leaves as five nodes."""
+    x32 = x.float()
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return norm.weight * (x32 / torch.sqrt(variance + norm.variance_epsilon)).to(x.dtype)
+
+
 def _register_onnx_schema() -> None:
-    """Describe the contrib op to ``onnx`` (ONNX Runtime keeps its schemas to itself), so the
-    exporter can emit it. The inputs and attributes the graph uses, as ORT documents them."""
+    """Describe the contrib ops to ``onnx`` (ONNX Runtime keeps its schemas to itself), so the
+    exporter can emit them. The inputs and attributes the graph uses, as ORT documents them."""
     import onnx.defs as defs
     from onnx.defs import OpSchema
 
-    if defs.has("GroupQueryAttention", domain="com.microsoft"):
-        return
+    int_attr, float_attr = OpSchema.AttrType.INT, OpSchema.AttrType.FLOAT
+    ops = {  # name: (inputs as (name, "T" | "M"), outputs, M's type, attributes)
+        "RotaryEmbedding": (
+            [("input", "T"), ("position_ids", "M"), ("cos_cache", "T"), ("sin_cache", "T")],
+            ["output"],
+            "tensor(int64)",
+            [("interleaved", int_attr, "0: halves")],
+        ),
+        "GroupQueryAttention": (
+            [("query", "T"), ("key", "T"), ("value", "T"), ("past_key", "T")]
+            + [("past_value", "T"), ("seqlens_k", "M"), ("total_sequence_length", "M")],
+            ["output", "present_key", "present_value"],
+            "tensor(int32)",
+            [
+                ("num_heads", int_attr, "query heads"),
+                ("kv_num_heads", int_attr, "KV heads"),
+                ("scale", float_attr, "softmax scale"),
+            ],
+        ),
+    }
     param = OpSchema.FormalParameter
-    tensors = ["tensor(float)", "tensor(float16)"]
-    schema = OpSchema(
-        "GroupQueryAttention",
-        "com.microsoft",
-        1,
-        inputs=[
-            param("query", "T"),
-            param("key", "T"),
-            param("value", "T"),
-            param("past_key", "T"),
-            param("past_value", "T"),
-            param("seqlens_k", "M"),
-            param("total_sequence_length", "M"),
-        ],
-        outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
-        type_constraints=[("T", tensors, "activations"), ("M", ["tensor(int32)"], "lengths")],
-        attributes=[
-            OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads"),
-            OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "KV heads"),
-            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "softmax scale"),
-        ],
-    )
-    defs.register_schema(schema)
+    for name, (inputs, outputs, index_type, attributes) in ops.items():
+        if defs.has(name, domain="com.microsoft"):
+            continue
+        schema = OpSchema(
+            name,
+            "com.microsoft",
+            1,
+            inputs=[param(n, t) for n, t in inputs],
+            outputs=[param(n, "T") for n in outputs],
+            type_constraints=[
+                ("T", ["tensor(float)", "tensor(float16)"], "activations"),
+                ("M", [index_type], "positions or lengths"),
+            ],
+            attributes=[OpSchema.Attribute(*a) for a in attributes],
+        )
+        defs.register_schema(schema)
 
 
 def onnx_translation() -> dict:
@@ -148,45 +199,47 @@ def onnx_translation() -> dict:
             scale=scale,
         )
 
-    return {torch.ops.fila.group_query_attention.default: gqa}
+    def rotary(x, position_ids, cos_cache, sin_cache):
+        return msft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0)
+
+    return {
+        torch.ops.fila.group_query_attention.default: gqa,
+        torch.ops.fila.rotary_embedding.default: rotary,
+    }
 
 
 class GqaDecoderStage(nn.Module):
     """Llama-family decoder layers run by hand around the custom attention op.
 
     The same weights as the portable graph (the transformers modules are called directly), with
-    rotary embeddings applied before the op; ``logits`` is the last position, (batch, vocab).
+    ONNX Runtime's fused forms where the CPU gains: RMSNorm written so ORT fuses it, rotary
+    embeddings as its ``RotaryEmbedding`` (tables from the model's own rotary embedding);
+    ``logits`` is the last position, (batch, vocab).
     """
 
     def __init__(self, model):
         super().__init__()
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        self.rotate = apply_rotary_pos_emb
         self.lm = model.language_model
         text = model.config.text
         self.shape = DecoderShape.from_text_config(text)
         self.heads = text["num_attention_heads"]
+        cos, sin = rotary_caches(model, model.config.max_position_embeddings, torch.float32)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
 
     def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, *past):
         body = self.lm.model
-        batch, seq, _ = inputs_embeds.shape
         hidden = inputs_embeds
-        cos, sin = body.rotary_emb(hidden, position_ids)
+        cos, sin = self.rotary_cos.to(hidden.dtype), self.rotary_sin.to(hidden.dtype)
         present = []
         for i, layer in enumerate(body.layers[: self.shape.num_layers]):
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, seq, self.heads, self.shape.head_dim).transpose(1, 2)
-            k = (
-                attn.k_proj(x)
-                .view(batch, seq, self.shape.kv_heads, self.shape.head_dim)
-                .transpose(1, 2)
-            )
-            q, k = self.rotate(q, k, cos, sin)
+            x = rms_norm(layer.input_layernorm, hidden)
+            q = torch.ops.fila.rotary_embedding(attn.q_proj(x), position_ids, cos, sin)
+            k = torch.ops.fila.rotary_embedding(attn.k_proj(x), position_ids, cos, sin)
             out, key, value = torch.ops.fila.group_query_attention(
-                q.transpose(1, 2).reshape(batch, seq, -1),
-                k.transpose(1, 2).reshape(batch, seq, -1),
+                q,
+                k,
                 attn.v_proj(x),
                 past[2 * i],
                 past[2 * i + 1],
@@ -197,8 +250,8 @@ class GqaDecoderStage(nn.Module):
                 float(attn.scaling),
             )
             hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
             present += [key, value]
         # on a (batch, 1, hidden) slice the LM head exports as MatMul (weight-only quantizable)
-        logits = self.lm.lm_head(body.norm(hidden[:, -1:]))[:, 0]
+        logits = self.lm.lm_head(rms_norm(body.norm, hidden[:, -1:]))[:, 0]
         return (logits, *present)

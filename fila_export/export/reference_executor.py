@@ -4,9 +4,9 @@ hold within the export's memory bound.
 ONNX Runtime on a CPU runs an fp16 graph's MatMuls on fp32 copies of their weights (measured: a
 256 MB fp16 weight peaks at 838 MB while the session loads), so a 3 GB fp16 decoder would need
 about 8 GB to be checked. ``onnx.reference.ReferenceEvaluator`` computes every node with numpy in
-the graph's own types, holding one copy of the weights. The one contrib op our graphs use,
-``com.microsoft.GroupQueryAttention``, is given here, written after ONNX Runtime's documentation
-(unpadded rows: every row has the same length).
+the graph's own types, holding one copy of the weights. The contrib ops our graphs use,
+``com.microsoft.GroupQueryAttention`` and ``RotaryEmbedding``, are given here, written after ONNX
+Runtime's documentation (unpadded rows: every row has the same length; rotary non-interleaved).
 """
 
 from __future__ import annotations
@@ -54,6 +54,23 @@ class GroupQueryAttention(OpRun):
         return out, present_key, present_value
 
 
+class RotaryEmbedding(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, x, position_ids, cos_cache, sin_cache, interleaved=0, **_):
+        """(batch, seq, heads * head_dim), each head's halves rotated by its position's angle."""
+        if interleaved:
+            raise NotImplementedError("interleaved rotary is not used by our graphs")
+        batch, seq, width = x.shape
+        half = cos_cache.shape[-1]
+        heads = x.reshape(batch, seq, width // (2 * half), 2 * half).astype(np.float32)
+        cos = cos_cache[position_ids].astype(np.float32)[:, :, None]
+        sin = sin_cache[position_ids].astype(np.float32)[:, :, None]
+        first, second = heads[..., :half], heads[..., half:]
+        out = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+        return (out.reshape(batch, seq, width).astype(x.dtype),)
+
+
 def _heads(x: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
     """(batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)."""
     batch, seq, _ = x.shape
@@ -85,5 +102,5 @@ def run_reference(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             helper.make_tensor_value_info(init.name, init.data_type, init.dims)
         )
         model.graph.initializer.remove(init)
-    evaluator = ReferenceEvaluator(model, new_ops=[GroupQueryAttention])
+    evaluator = ReferenceEvaluator(model, new_ops=[GroupQueryAttention, RotaryEmbedding])
     return evaluator.run(None, {**feeds, **weights})

@@ -11,6 +11,7 @@ with the image's packing index, since it depends on the original image size, whi
 from __future__ import annotations
 
 from fila_export.model.config import FilaConfig, preprocess_config
+from runtime.errors import ConfigError
 from runtime.generate import DecoderShape
 from runtime.spec import AxisRange, StageSpec, TensorSpec
 
@@ -44,6 +45,11 @@ def stage_specs(
 ) -> dict[str, StageSpec]:
     """Every stage of this model, in execution order (the modular vision chain first)."""
     max_context = max_context or min(config.max_position_embeddings, 4096)
+    if max_context > config.max_position_embeddings:
+        raise ConfigError(
+            f"--max-context {max_context} is past the model's max_position_embeddings "
+            f"({config.max_position_embeddings}); use at most that"
+        )
     specs = vision_specs(config)
     specs |= text_specs(config, max_context, max_batch)
     return specs
@@ -171,11 +177,18 @@ def gqa_decoder_spec(config: FilaConfig, max_context: int, max_batch: int = 1) -
     )
 
 
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
 def gqa_unsupported_reason(text_config: dict) -> str | None:
     """Why this LLM cannot use the GQA graph, or None when it can."""
     kind = text_config.get("model_type", "llama")
     if kind not in GQA_TYPES:
         return f"model_type {kind!r} (supported: {', '.join(GQA_TYPES)})"
+    rope = text_config.get("rope_scaling") or text_config.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in LENGTH_DEPENDENT_ROPE:  # the graph's rotary tables are computed once
+        return f"rope scaling {rope_type!r} (its angles depend on the sequence length)"
     if text_config.get("sliding_window") and text_config.get("use_sliding_window", True):
         window = text_config["sliding_window"]
         if window < text_config.get("max_position_embeddings", 0):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from runtime.backends.base import TensorMeta, np_dtype
 from runtime.onnx_io import BackendError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 class OrtRunner:
@@ -33,14 +37,32 @@ class OrtRunner:
         self.last_inference_time = time.perf_counter() - t0
         return {meta.name: value for meta, value in zip(self.outputs, values, strict=True)}
 
+    def bind_fixed(
+        self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
+    ) -> ort.IOBinding:
+        """An IO binding with these arrays bound once — buffers that stay where they are, like
+        the in-place KV cache — for ``infer_into(..., binding=)``: a decode step then binds only
+        what changes (binding 48 cache buffers every step cost ~0.2 ms of a 10 ms w4 step)."""
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            _bind(binding.bind_input, name, array)
+        for name, array in outputs.items():
+            _bind(binding.bind_output, name, array)
+        return binding
+
     def infer_into(
-        self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray], release: bool = False
+        self,
+        feeds: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+        release: bool = False,
+        binding=None,
     ) -> None:
         """Run with IO binding: inputs are read from, and outputs written straight into, the given
         (contiguous) arrays, so no tensor is copied through Python (the decoder's KV cache).
         ``release``: shrink the CPU arena after this run (a prefill: its activations are far
-        larger than a decode step's, and the arena would otherwise keep them)."""
-        binding = self.session.io_binding()
+        larger than a decode step's, and the arena would otherwise keep them). ``binding``: one
+        from ``bind_fixed`` whose arrays stay bound; ``feeds`` and ``outputs`` are bound on it."""
+        binding = self.session.io_binding() if binding is None else binding
         for name, array in feeds.items():
             _bind(binding.bind_input, name, array)
         for name, array in outputs.items():
