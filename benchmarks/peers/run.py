@@ -261,22 +261,13 @@ def ratios(columns: dict[str, dict], s: PeerSettings) -> dict:
     return out
 
 
-def check_precisions(artifacts: str | Path, precisions: list[str]) -> None:
-    """Each precision names a decoder variant of the export, before any peer is converted."""
+def check_inputs(
+    artifacts: str | Path, peers: list[str], precisions: list[str], settings: PeerSettings, root
+) -> None:
+    """Everything a run needs, checked before any conversion: known and installed peers, counts
+    of at least one, precisions the export has, and contexts its decoder holds."""
     from runtime.manifest import Manifest
     from runtime.variants import choose_decoder, precision_spec, stage_variant
-
-    manifest = Manifest.load(artifacts)
-    decoder = choose_decoder(manifest, "onnxruntime")
-    for precision in precisions:
-        stage_variant(manifest, precision_spec(manifest, precision), decoder, "onnxruntime")
-
-
-def check_inputs(artifacts: str | Path, peers: list[str], settings: PeerSettings, root) -> None:
-    """Everything a run needs, checked before any conversion: known and installed peers, counts
-    of at least one, and contexts the export's decoder holds."""
-    from runtime.manifest import Manifest
-    from runtime.variants import choose_decoder
 
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:
@@ -297,7 +288,10 @@ def check_inputs(artifacts: str | Path, peers: list[str], settings: PeerSettings
             "value must be at least 1"
         )
     manifest = Manifest.load(artifacts)
-    room = manifest.stage(choose_decoder(manifest, "onnxruntime"))["axes"]["total"]["max"]
+    decoder = choose_decoder(manifest, "onnxruntime")
+    for precision in precisions:  # each names a decoder variant of the export
+        stage_variant(manifest, precision_spec(manifest, precision), decoder, "onnxruntime")
+    room = manifest.stage(decoder)["axes"]["total"]["max"]
     need = max(max(s.contexts) + s.decode_steps + 3, s.prefill_tokens + 1)
     if need > room:
         raise FilaError(
@@ -318,8 +312,7 @@ def run_peers(
     """The whole side-by-side run; ``fp32_same_tokens`` says whether every peer answered as ours
     at fp32 (if not, the figures do not compare the same model)."""
     root = llama_cpp.locate(llama_cpp_dir)
-    check_inputs(artifacts, peers, settings, root)
-    check_precisions(artifacts, precisions)
+    check_inputs(artifacts, peers, precisions, settings, root)
     systems = prepare(Path(artifacts), Path(checkpoint), peers, precisions, Path(work), root)
     tokens = check_tokens(systems, settings, root)
     rounds = time_rounds(systems, settings, root)
