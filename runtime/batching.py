@@ -34,21 +34,8 @@ class BatchDecoder:
         self.logits = np.zeros((rows, shape.vocab), dtype=np.float32)
         self.row_logits = np.zeros((1, shape.vocab), dtype=np.float32)
 
-    def _buffers(self, prefix: str, row: int | None) -> dict[str, np.ndarray]:
-        whole = self.cache.buffers(prefix)
-        if row is None:
-            return whole
-        return {name: buffer[row : row + 1] for name, buffer in whole.items()}
-
     def _run(self, feeds: dict, row: int | None, logits: np.ndarray) -> np.ndarray:
-        feeds |= self._buffers("past", row)
-        outputs = {"logits": logits, **self._buffers("present", row)}
-        if hasattr(self.runner, "infer_into"):
-            self.runner.infer_into(feeds, outputs, release=row is not None)
-        else:
-            out = self.runner.infer(feeds)
-            for name, buffer in outputs.items():
-                buffer[...] = out[name]
+        self.cache.run(self.runner, feeds, logits, release=row is not None, row=row)
         return logits
 
     def prefill(self, row: int, embeds: np.ndarray) -> np.ndarray:

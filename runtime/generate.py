@@ -155,7 +155,6 @@ class Decoder:
         else:
             self.cache = KVCache(num_layers, batch, kv_heads, head_dim, max_len, cache_dtype)
         self.length = 0
-        self.binding = None  # the shared cache's IO binding, made at the first run
         self.mask = np.zeros((batch, max_len), dtype=np.int64)
         self.next_position = np.zeros(batch, dtype=np.int64)
         self.logits = np.zeros((batch, shape.vocab), dtype=np.float32)
@@ -197,21 +196,7 @@ class Decoder:
             "seqlens_k": np.full(embeds.shape[0], total - 1, dtype=np.int32),
             "total_sequence_length": np.array(total, dtype=np.int32),
         }
-        if hasattr(self.runner, "bind_fixed"):  # the cache's buffers are bound once
-            if self.binding is None:
-                past, present = self.cache.buffers("past"), self.cache.buffers("present")
-                self.binding = self.runner.bind_fixed(past, present)
-            outputs = {"logits": self.logits}
-            self.runner.infer_into(feeds, outputs, release=seq > 1, binding=self.binding)
-        elif hasattr(self.runner, "infer_into"):
-            outputs = {"logits": self.logits, **self.cache.buffers("present")}
-            self.runner.infer_into(feeds | self.cache.buffers("past"), outputs, release=seq > 1)
-        else:
-            feeds |= self.cache.buffers("past")
-            out = self.runner.infer(feeds)
-            for name, buffer in self.cache.buffers("present").items():
-                buffer[...] = out[name]
-            self.logits[...] = out["logits"]
+        self.cache.run(self.runner, feeds, self.logits, release=seq > 1)
         self.cache.advance(seq)
         self.length = total
         return self.logits

@@ -83,11 +83,34 @@ class SharedKVCache(_Preallocated):
         dtype: np.dtype = np.float32,
     ) -> None:
         super().__init__(num_layers, max_len, (batch, kv_heads, max_len, head_dim), dtype)
+        self.binding = None  # an ONNX Runtime IO binding of the whole buffers, kept by ``run``
+        self.bound_to = None  # the runner it belongs to
 
-    def buffers(self, prefix: str) -> dict[str, np.ndarray]:
-        """``{prefix}.{i}.key/value``: the whole per-layer buffers (views, never copies)."""
+    def buffers(self, prefix: str, row: int | None = None) -> dict[str, np.ndarray]:
+        """``{prefix}.{i}.key/value``: the per-layer buffers, whole or one ``row``'s slice
+        (views, never copies)."""
+        rows = slice(None) if row is None else slice(row, row + 1)
         out = {}
         for i in range(self.num_layers):
-            out[f"{prefix}.{i}.key"] = self.buffer[i, 0]
-            out[f"{prefix}.{i}.value"] = self.buffer[i, 1]
+            out[f"{prefix}.{i}.key"] = self.buffer[i, 0, rows]
+            out[f"{prefix}.{i}.value"] = self.buffer[i, 1, rows]
         return out
+
+    def run(self, runner, feeds: dict, logits: np.ndarray, release: bool, row=None) -> None:
+        """Run ``decoder_gqa`` on these buffers, which it reads and writes in place (``row``: one
+        row's slice, a prefill into a batch row); ``logits`` is filled. On ONNX Runtime the whole
+        buffers are bound to the session once (``bind_fixed``) and a step binds only its small
+        inputs (binding 48 buffers every step cost ~0.2 ms of a 10 ms w4 step on ``small``)."""
+        if row is None and hasattr(runner, "bind_fixed"):
+            if self.bound_to is not runner:
+                self.binding = runner.bind_fixed(self.buffers("past"), self.buffers("present"))
+                self.bound_to = runner
+            runner.infer_into(feeds, {"logits": logits}, release=release, binding=self.binding)
+        elif hasattr(runner, "infer_into"):
+            outputs = {"logits": logits, **self.buffers("present", row)}
+            runner.infer_into(feeds | self.buffers("past", row), outputs, release=release)
+        else:
+            out = runner.infer(feeds | self.buffers("past", row))
+            for name, buffer in self.buffers("present", row).items():
+                buffer[...] = out[name]
+            logits[...] = out["logits"]

@@ -142,7 +142,7 @@ def test_norms_and_rotary_run_as_onnx_runtimes_fused_kernels(tiny_artifacts):
 
 
 def test_cache_bound_once_gives_the_logits_of_binding_every_step(tiny_artifacts):
-    """The decoder binds its in-place cache to the session once (``bind_fixed``); a runner
+    """The cache's buffers are bound to the session once (``bind_fixed``); a runner
     without that (binding all 2 x layers buffers every step) must see the same logits."""
 
     class EveryStep:
@@ -162,5 +162,5 @@ def test_cache_bound_once_gives_the_logits_of_binding_every_step(tiny_artifacts)
         for token in (5, 9, 11):
             out.append(decoder.decode_one_token(pipe.embed(np.array([[token]]))).copy())
         logits[name] = np.stack(out)
-    assert pipe.new_decoder(4).binding is None  # made at the first run
+    assert pipe.new_decoder(4).cache.binding is None  # made at the first run
     np.testing.assert_array_equal(logits["once"], logits["every"])
