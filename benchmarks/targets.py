@@ -77,8 +77,8 @@ def runtime_target(
     if backend == "onnxruntime":
         opts = {"threads": threads} if threads else {}
         opts |= {"providers": list(providers)} if providers else {}
-    fused = FilaPipeline.from_artifacts(
-        artifacts, backend=backend, precision=precision, decoder=decoder, **opts
+    fused = FilaPipeline.from_artifacts(  # the fused graph (per run where fp16 on the CPU)
+        artifacts, backend=backend, precision=precision, vision="fused", decoder=decoder, **opts
     )
     # the modular chain's stages are timed one by one; the decoder is loaded once (in ``fused``)
     manifest = fused.manifest

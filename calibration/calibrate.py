@@ -47,6 +47,7 @@ from runtime import onnx_io
 from runtime.backends.onnxruntime import OrtRunner, SessionLoader
 from runtime.compare import MetricAccumulator, tolerance
 from runtime.manifest import Manifest, file_entry
+from runtime.variants import WEIGHT_ONLY_BLOCK
 from runtime.vision import walk_chain
 
 QUANT_SCHEME = {
@@ -100,7 +101,7 @@ class CalibrationSettings:
     e2e_images: int = 3
     rank_images: int = 1
     llm_accuracy_level: int = 4
-    llm_block_size: int = 32
+    llm_block_size: int = WEIGHT_ONLY_BLOCK
     threads: int | None = None
     questions: str | Path | None = None
 

@@ -15,8 +15,9 @@ from calibration.dataset import CalibrationError
 from calibration.qdq import quiet_logs
 from runtime import onnx_io
 from runtime.compare import MetricAccumulator
+from runtime.variants import WEIGHT_ONLY_BITS, WEIGHT_ONLY_BLOCK
 
-LLM_PRECISIONS = {"w8": 8, "w4": 4}
+LLM_PRECISIONS = WEIGHT_ONLY_BITS
 
 
 def quantize_decoder(
@@ -143,7 +144,7 @@ def fold_weight_transposes(model) -> int:
     return folded
 
 
-EMBED_BLOCK = 32
+EMBED_BLOCK = WEIGHT_ONLY_BLOCK
 
 
 def quantize_embedding(source: Path, out: Path, precision: str, block_size: int = EMBED_BLOCK):

@@ -152,6 +152,11 @@ class Manifest:
         precision = precision or self.base
         variant = self.variant(name, precision)
         label = f"stage {name} ({precision})"
+        if "estimated_from" in variant:
+            raise ManifestError(
+                f"{label} is a size estimate (fila plan --estimate), not a graph; make it with "
+                f"fila calibrate --llm {precision}"
+            )
         if "external_data" in variant:
             self._check(f"{label} weights", variant["external_data"])
         return self._check(label, variant)
@@ -182,6 +187,14 @@ class Manifest:
 
     # --- writing -------------------------------------------------------------------------
     def save(self) -> Path:
+        estimated = [
+            f"{n} ({v})"
+            for n, e in self.stages.items()
+            for v, info in e["variants"].items()
+            if "estimated_from" in info
+        ]
+        if estimated:
+            raise ManifestError(f"will not save size estimates as variants: {', '.join(estimated)}")
         path = self.folder / MANIFEST_NAME
         path.write_text(json.dumps(self.data, indent=2))
         return path

@@ -144,6 +144,11 @@ def choose_providers(requested: Sequence[str] | None) -> list[str]:
     return names if "CPUExecutionProvider" in names else [*names, "CPUExecutionProvider"]
 
 
+def cpu_only(providers: Sequence[str] | None) -> bool:
+    """Whether these providers (none: the default) run on the CPU provider alone."""
+    return not providers or all(_provider_name(p) == "CPUExecutionProvider" for p in providers)
+
+
 def _provider_name(name: str) -> str:
     if name.endswith("ExecutionProvider"):
         return name

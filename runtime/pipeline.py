@@ -24,10 +24,16 @@ from runtime.memory import peak_rss_bytes
 from runtime.preprocess import PreprocessedImage, preprocess
 from runtime.prompt import PromptBuilder
 from runtime.reuse import Reuse, content_key, position_keys
-from runtime.variants import PrecisionSpec, choose_decoder, precision_spec, stage_variant
+from runtime.variants import (
+    PrecisionSpec,
+    choose_decoder,
+    precision_spec,
+    stage_variant,
+    vision_mode,
+)
 from runtime.vision import VisionEncoder, pack
 
-VISION_MODES = ("fused", "modular", "none")
+VISION_MODES = ("auto", "fused", "modular", "none")
 REUSE_HEADROOM = 1024  # positions a reusable decoder keeps beyond its first request
 
 
@@ -135,19 +141,22 @@ class FilaPipeline:
         folder: str | Path,
         backend: str = "onnxruntime",
         precision: str | None = None,
-        vision: str = "fused",
+        vision: str = "auto",
         decoder: str = "auto",
         **options,
     ) -> FilaPipeline:
         """Load an export (each file hash-checked as it is opened). ``vision``: the ``fused``
-        graph, the ``modular`` chain, or ``none`` (text only: the LLM's memory alone). ``decoder``: ``gqa`` (ONNX Runtime's in-place
-        GroupQueryAttention graph), ``portable`` (standard ONNX, the TensorRT one), or ``auto``:
-        the graph the manifest made for this backend."""
+        graph, the ``modular`` chain, ``none`` (text only: the LLM's memory alone), or ``auto``
+        (``vision_mode``). ``decoder``: ``gqa`` (ONNX Runtime's in-place GroupQueryAttention
+        graph), ``portable`` (standard ONNX, the TensorRT one), or ``auto``: the graph the
+        manifest made for this backend."""
         if vision not in VISION_MODES:
             raise FilaError(f"vision must be one of {', '.join(VISION_MODES)}, got {vision!r}")
         manifest = Manifest.load(folder)
         decoder_stage = choose_decoder(manifest, backend, decoder)
         chain = manifest.vision_chain
+        if vision == "auto":
+            vision = vision_mode(manifest, backend, precision, options.get("providers"))
         if vision == "modular" and "projector" not in chain:
             raise FilaError("this export has no modular vision stages; use vision='fused'")
         stages = {"fused": ["vision"], "modular": chain, "none": []}[vision]

@@ -10,13 +10,24 @@ over the model's shapes with constants fitted to peaks measured here (``benchmar
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from runtime import onnx_io
+from runtime.backends import fp16_on_cpu
 from runtime.errors import FilaError
 from runtime.generate import DecoderShape
 from runtime.manifest import Manifest
-from runtime.variants import choose_decoder, precision_spec, stage_variant
+from runtime.variants import (
+    WEIGHT_ONLY_BITS,
+    WEIGHT_ONLY_BLOCK,
+    choose_decoder,
+    group_of,
+    precision_spec,
+    stage_variant,
+    vision_mode,
+)
 
 GB = 1e9
 MB = 1e6
@@ -46,25 +57,35 @@ BOARDS = {
 RUNTIME_BYTES = 95 * MB  # python, numpy, Pillow, onnxruntime, tokenizers and session overheads
 CUDA_CONTEXT_BYTES = 400 * MB  # a CUDA context and TensorRT's runtime on a Jetson (estimate)
 # Resident bytes per byte of graph weights on ONNX Runtime's CPU provider, measured per session
-# (``edge`` and ``small``): an fp16 graph keeps its fp16 data and the fp32 copies its kernels
-# run on (vision 2.7x, decoder 2.1x); MatMulNBits (w4/w8) keeps its weights beside the prepacked
-# copy (~2x); fp32 vision convolutions are prepacked too (1.6x); a full-precision embedding table
-# stays memory-mapped and only the gathered rows are read (~0); a block-quantized one is loaded.
+# (``edge`` and ``small``): an fp16 decoder keeps its fp16 data and the fp32 copies its kernels
+# run on (2.1x); fp16 vision is opened per image instead (``runtime.backends.fp16_on_cpu``: none
+# held between images, a stage's memory-mapped fp16 while it runs); MatMulNBits is prepacked into
+# MLAS's int8-activation layout (w4 1.65x of its memory-mapped file, w8 1.35x; "quantized": an
+# inline graph, ~2x); fp32 vision convolutions are prepacked too (1.6x); a full-precision
+# embedding table stays memory-mapped and only the gathered rows are read (~0); a block-quantized
+# one is loaded.
 ORT_CPU_HELD = {
-    ("vision", "fp16"): 2.7,
     ("vision", "fp32"): 1.6,
     ("vision", "quantized"): 1.6,
     ("decoder", "fp16"): 2.1,
     ("decoder", "fp32"): 1.0,
+    ("decoder", "w4"): 1.65,  # prepacked MatMulNBits (int8-activation layout) over the mapped file
+    ("decoder", "w8"): 1.35,
     ("decoder", "quantized"): 2.0,
     ("embed", "fp16"): 0.1,
     ("embed", "fp32"): 0.1,
     ("embed", "quantized"): 1.3,
 }
-# Live activations over the formula's largest tensors: an fp16 vision graph on ONNX Runtime's CPU
-# provider holds each activation in fp16 and in fp32 (the casts around its kernels).
-VISION_ARENA = {"fp16": 2.7}
-PREFILL_ARENA = 1.0
+# Live activations over the formula's largest tensors, fitted on this machine's CPU runs: vision
+# at ``all`` (fp32, ``small``: 446 MB over 219) and an fp16 vision graph opened per image, which
+# holds each activation in fp16 and in fp32 (the casts around its kernels; ``edge``: ConvNeXt on
+# the 1,536 px global view 1,723-1,806 MB over 1,764 planned); a prefill grows linearly with its
+# tokens (``small`` 84 / 192 / 381 MB at 1,024 / 2,048 / 4,000: GroupQueryAttention's CPU kernel
+# does not hold every head's scores at once), 1.65x the MLP's and residual's tensors for an
+# fp32 graph (95 kB a token on ``small``), 2.05x for one on fp16 activations (``edge``: 257 and
+# 312 kB in two runs; ``python -m benchmarks.phase_memory`` prints each graph run's peak).
+VISION_ARENA = {"fp16": 2.7, "fp32": 2.0}
+PREFILL_ARENA = {"fp16": 2.05, "fp32": 1.65}
 
 
 @dataclass
@@ -103,18 +124,60 @@ class MemoryPlan:
 
 def stage_weights(manifest: Manifest, stage: str, variant: str, backend: str) -> Term:
     """A stage variant's weights as the backend holds them."""
-    path = manifest.stage_path(stage, variant)
+    entry = manifest.variant(stage, variant)
+    name = f"weights: {stage} ({variant})"
+    if backend == "onnxruntime" and fp16_on_cpu(stage, variant):
+        note = f"{entry['file']}, opened per image (its weights counted with the activations)"
+        return Term(name, 0.0, note)
+    source = entry.get("estimated_from")
+    path = manifest.stage_path(stage, source or variant)
     size = onnx_io.graph_bytes(path)
-    note = f"{path.name}"
+    note = path.name
+    if source is not None:  # not made yet: the base graph's weights at the quantized width
+        size *= weight_only_ratio(stage, variant, source)
+        note += f" at {variant}, estimated (not made: fila calibrate --llm {variant})"
     if backend == "onnxruntime":
-        key = (stage_group(stage), variant if variant in ("fp16", "fp32") else "quantized")
+        key = (group_of(stage), variant)
+        if key not in ORT_CPU_HELD:
+            key = (key[0], "quantized")
         size *= ORT_CPU_HELD[key]
         note += f", x{ORT_CPU_HELD[key]} as ONNX Runtime's CPU provider holds {key[1]} {key[0]}"
-    return Term(f"weights: {stage} ({variant})", size, note)
+    return Term(name, size, note)
 
 
-def stage_group(stage: str) -> str:
-    return "embed" if stage == "embed" else "decoder" if stage.startswith("decoder") else "vision"
+def weight_only_ratio(stage: str, variant: str, source: str) -> float:
+    """Bytes of a weight-only variant per byte of its source graph (``calibration/weight_only.py``
+    layouts): b-bit weights plus one scale per block, fp16 for the embedding and in the source's
+    width for MatMulNBits (``edge``: a w4 decoder estimated at 869 MB from its fp16 graph; 870
+    made)."""
+    width = 16 if source == "fp16" else 32
+    scale = 16 if stage == "embed" else width
+    return (WEIGHT_ONLY_BITS[variant] + scale / WEIGHT_ONLY_BLOCK) / width
+
+
+def with_weight_only_estimates(manifest: Manifest, precisions: Sequence[str]) -> Manifest:
+    """The export as if ``fila calibrate --llm`` had made these weight-only variants where it has
+    not, each sized from its base graph, so a plan says whether quantizing would fit before an
+    hour is spent on it (a 7 B model's calibration does not fit this 24 GB machine). As calibrate
+    does: the embedding and the LLM's main decoder graph get each precision, the portable
+    decoder beside ``decoder_gqa`` w4 only. An estimated entry cannot be opened or saved."""
+    data = copy.deepcopy(manifest.data)
+    stages = data["stages"]
+    for name, entry in stages.items():
+        base = entry["variants"].get(manifest.base)
+        if base is None or (name != "embed" and group_of(name) != "decoder"):
+            continue
+        portable_beside_gqa = name == "decoder" and "decoder_gqa" in stages
+        for precision in precisions:
+            if precision not in WEIGHT_ONLY_BITS or precision in entry["variants"]:
+                continue
+            if portable_beside_gqa and precision != "w4":
+                continue
+            made = {"precision": precision, "estimated_from": manifest.base}
+            if name == "embed":  # GatherBlockQuantized: ONNX Runtime's
+                made["backends"] = ["onnxruntime"]
+            entry["variants"][precision] = base | made
+    return Manifest(manifest.folder, data, manifest.checked)
 
 
 def kv_cache(manifest: Manifest, decoder_variant: str, context: int) -> Term:
@@ -127,10 +190,15 @@ def kv_cache(manifest: Manifest, decoder_variant: str, context: int) -> Term:
 
 
 def vision_activations(
-    manifest: Manifest, max_tiles: int | None, variant: str = "fp32", backend: str = "onnxruntime"
+    manifest: Manifest,
+    max_tiles: int | None,
+    variant: str = "fp32",
+    backend: str = "onnxruntime",
+    vision_graphs: Sequence[str] = ("vision",),
 ) -> Term:
     """ViT on every tile (MLP and attention scores of one layer live at once) and ConvNeXt's
-    first stage map (with its 4x MLP) over the global view, fp32."""
+    first stage map (with its 4x MLP) over the global view, fp32; where the vision graphs are
+    opened per image (``vision_graphs``: those the pipeline runs), the largest one's weights."""
     model, pre = manifest.model, manifest.preprocess
     grids = pre.grid_shapes()
     if max_tiles is not None:
@@ -147,17 +215,37 @@ def vision_activations(
     if pre.global_tile_size:
         side = (pre.global_tile_size // 4) ** 2 * rows * cols
         conv = 5 * model["convnext"]["dims"][0] * side * 4
-    factor = VISION_ARENA.get(variant, 1.0) if backend == "onnxruntime" else 1.0
+    # int8 vision (fp32 between its Q/DQ pairs): fp32's factor, not measured on its own
+    factor = VISION_ARENA.get(variant, VISION_ARENA["fp32"]) if backend == "onnxruntime" else 1.0
     size = factor * (vit + conv)
-    return Term("vision activations", size, f"{rows}x{cols} grid, {tiles} tiles", transient=True)
+    note = f"{rows}x{cols} grid, {tiles} tiles"
+    if backend == "onnxruntime" and fp16_on_cpu("vision", variant):
+        opened = max(onnx_io.graph_bytes(manifest.stage_path(s, variant)) for s in vision_graphs)
+        size += opened
+        note += f"; the largest graph opened for the image ({opened / MB:,.0f} MB)"
+    return Term("vision activations", size, note, transient=True)
 
 
-def prefill_activations(manifest: Manifest, context: int) -> Term:
+def prefill_activations(
+    manifest: Manifest, context: int, decoder_variant: str = "fp32", backend: str = "onnxruntime"
+) -> Term:
+    """The MLP's and the residual stream's tensors of one layer over the whole prompt (fp32); on
+    TensorRT also every head's attention scores (not measured on a board)."""
     text = manifest.model["text"]
     mlp = context * (text["intermediate_size"] * 3 + text["hidden_size"] * 6) * 4
-    scores = text["num_attention_heads"] * context * context * 4
-    size = PREFILL_ARENA * (mlp + scores)
+    if backend == "onnxruntime":
+        size = PREFILL_ARENA[activation_dtype(manifest, decoder_variant)] * mlp
+    else:
+        size = mlp + text["num_attention_heads"] * context * context * 4
     return Term("prefill activations", size, f"{context} tokens at once", transient=True)
+
+
+def activation_dtype(manifest: Manifest, decoder_variant: str) -> str:
+    """What a decoder variant computes its activations in: weight-only variants keep the graph
+    they were quantized from."""
+    if decoder_variant == "fp16" or (decoder_variant in ("w4", "w8") and manifest.base == "fp16"):
+        return "fp16"
+    return "fp32"
 
 
 def plan_memory(
@@ -182,8 +270,12 @@ def plan_memory(
         variants[stage] = stage_variant(manifest, spec, stage, backend)
         plan.terms.append(stage_weights(manifest, stage, variants[stage], backend))
     plan.terms.append(kv_cache(manifest, variants[decoder_stage], context))
-    plan.terms.append(vision_activations(manifest, max_tiles, variants["vision"], backend))
-    plan.terms.append(prefill_activations(manifest, context))
+    graphs = ["vision"]
+    if backend == "onnxruntime" and vision_mode(manifest, backend, spec) == "modular":
+        graphs = manifest.vision_chain
+    acts = vision_activations(manifest, max_tiles, variants["vision"], backend, graphs)
+    plan.terms.append(acts)
+    plan.terms.append(prefill_activations(manifest, context, variants[decoder_stage], backend))
     return plan
 
 

@@ -17,9 +17,14 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from runtime.backends import fp16_on_cpu
 from runtime.errors import FilaError, ManifestError
 
 GROUPS = ("vision", "embed", "decoder")
+# Weight-only LLM variants (``fila calibrate --llm``): bits per weight, and the default block of
+# weights that share one scale (llama.cpp Q4_0's).
+WEIGHT_ONLY_BITS = {"w8": 8, "w4": 4}
+WEIGHT_ONLY_BLOCK = 32
 DECODER_CHOICES = ("auto", "gqa", "portable")
 
 
@@ -171,3 +176,23 @@ def choose_decoder(manifest, backend: str, wanted: str = "auto") -> str:
             f"decoder '{wanted}' ({name}) runs on {', '.join(runs[name])} only; use --decoder auto"
         )
     return name
+
+
+def vision_mode(manifest, backend: str, precision, providers=None) -> str:
+    """``modular`` where the fused graph and every chain stage would run fp16 on ONNX Runtime's
+    CPU provider (each stage's weights are cast to fp32 while it runs: one stage at a time holds
+    them, not the whole encoder; ``edge``: run peak 4.5 -> 3.4 GB) or where there is no fused
+    graph; else the ``fused`` graph (an int8 one, say, that the chain lacks)."""
+    chain = manifest.vision_chain
+    if "projector" not in chain:
+        return "fused"
+    if "vision" not in manifest.stages:
+        return "modular"
+    if backend != "onnxruntime":
+        return "fused"
+    spec = precision_spec(manifest, precision)
+    with warnings.catch_warnings():  # a stage lacking the spec's variant: load_runners says so
+        warnings.simplefilter("ignore")
+        picked = {s: stage_variant(manifest, spec, s, backend) for s in ("vision", *chain)}
+    fp16 = all(fp16_on_cpu(s, v, providers) for s, v in picked.items())
+    return "modular" if fp16 else "fused"

@@ -152,3 +152,21 @@ def test_vision_ort_script_times_every_form_and_variant(tiny_artifacts, tiny_che
     for stage in [*manifest.vision_chain, "vision"]:
         assert {(stage, v) for v in manifest.variants_for(stage, "onnxruntime")} <= timed
     assert json.loads(out.read_text())["cpu"] == result["cpu"]
+
+
+def test_memory_scripts_print_each_graph_run_and_the_vision_forms(tiny_artifacts, capsys):
+    """``phase_memory``: a row per graph run with its peak; ``vision_per_run``: the three fp16
+    vision forms with the same features."""
+    from benchmarks import phase_memory, vision_per_run
+
+    assert phase_memory.main(["--artifacts", str(tiny_artifacts), "--precision", "fp16"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "graph" not in line]
+    assert {r.split(" | ")[0][2:] for r in rows} >= {"vit.0", "projector", "embed", "decoder_gqa"}
+    peak = float(out.rsplit("run peak: ", 1)[1].split()[0].replace(",", ""))
+    assert peak > 50
+    assert vision_per_run.main(["--artifacts", str(tiny_artifacts), "--rounds", "1"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if "per-run" in line]
+    assert len(table) == 2 and all(
+        float(line.split(" | ")[3].rstrip(" |")) < 5e-3 for line in table
+    )

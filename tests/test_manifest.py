@@ -39,7 +39,7 @@ def test_a_tampered_variant_stops_the_runs_that_open_it_and_fila_verify_names_it
     (art / "vision.fp16.onnx").write_bytes(b"not the exported graph")
     FilaPipeline.from_artifacts(art, precision="fp32")  # never opens the fp16 graph
     with pytest.raises(ManifestError, match=r"stage vision \(fp16\): vision.fp16.onnx does not"):
-        FilaPipeline.from_artifacts(art, precision="fp16")
+        FilaPipeline.from_artifacts(art, precision="fp16", vision="fused")
     r = run_fila("verify", str(art))
     assert r.returncode == 1 and "vision.fp16.onnx does not match the manifest" in r.stderr
     assert "Traceback" not in r.stderr

@@ -4,6 +4,7 @@ quantized embedding, and the memory planner's arithmetic (all on ``tiny``)."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -15,10 +16,20 @@ import fila_export.model.weights as weights_module
 from fila_export.export.exporter import export_artifacts
 from fila_export.model.checkpoint import init_checkpoint, load_checkpoint, open_model
 from runtime.generate import DecoderShape
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, ManifestError
 from runtime.onnx_io import graph_bytes
 from runtime.pipeline import FilaPipeline
-from runtime.plan import MB, ORT_CPU_HELD, RUNTIME_BYTES, plan_memory, with_target
+from runtime.plan import (
+    MB,
+    ORT_CPU_HELD,
+    RUNTIME_BYTES,
+    VISION_ARENA,
+    plan_memory,
+    vision_activations,
+    with_target,
+    with_weight_only_estimates,
+)
+from runtime.variants import PrecisionError, vision_mode
 
 
 def external_refs(path) -> dict[str, tuple[str, int, int]]:
@@ -118,9 +129,11 @@ def test_plan_arithmetic_on_tiny(tiny_artifacts):
     phases = terms.pop("vision activations"), terms.pop("prefill activations")
     assert plan.total == pytest.approx(sum(terms.values()) + max(phases))  # one phase at a time
     fp16 = {t.name: t.bytes for t in plan_memory(manifest, precision="fp16", context=100).terms}
-    fp16_bytes = graph_bytes(manifest.stage_path("vision", "fp16"))
-    held = ORT_CPU_HELD["vision", "fp16"] * fp16_bytes  # fp16 data and fp32 copies on the CPU
-    assert fp16["weights: vision (fp16)"] == pytest.approx(held)
+    assert fp16["weights: vision (fp16)"] == 0  # on the CPU provider: opened per image
+    largest = max(graph_bytes(manifest.stage_path(s, "fp16")) for s in manifest.vision_chain)
+    formula = vision_activations(manifest, None, backend="tensorrt").bytes  # no CPU factor
+    activations = VISION_ARENA["fp16"] * formula
+    assert fp16["vision activations"] == pytest.approx(activations + largest)
     assert terms["weights: vision"] == pytest.approx(
         ORT_CPU_HELD["vision", "fp32"] * graph_bytes(manifest.stage_path("vision", "fp32"))
     )
@@ -128,6 +141,60 @@ def test_plan_arithmetic_on_tiny(tiny_artifacts):
     assert fits.fits and fits.available == pytest.approx((7.6 - 2.8) * 1e9)
     tight = with_target(plan_memory(manifest, context=100), memory_gb=plan.total / 1e9 / 2)
     assert tight.fits is False and tight.total / MB > 0
+
+
+def test_plan_estimates_weight_only_variants_before_they_are_made(tiny_artifacts):
+    manifest = Manifest.load(tiny_artifacts)
+    assert "w4" not in manifest.variants_for("decoder_gqa")
+    with pytest.raises(PrecisionError, match="w4"):
+        plan_memory(manifest, precision="w4")
+    before = copy.deepcopy(manifest.data)
+    estimated = with_weight_only_estimates(manifest, ["w4", "w8"])
+    assert manifest.data == before  # the export's own manifest is left as it was
+    terms = {t.name: t for t in plan_memory(estimated, precision="w4").terms}
+    decoder = terms["weights: decoder_gqa (w4)"]
+    fp32_bytes = graph_bytes(manifest.stage_path("decoder_gqa"))
+    held = ORT_CPU_HELD["decoder", "w4"]  # 4-bit weights, an fp32 scale per 32 (fp32 graph)
+    assert decoder.bytes == pytest.approx(fp32_bytes * (4 + 32 / 32) / 32 * held)
+    assert "estimated" in decoder.note and "weights: embed (w4)" in terms
+    on_trt = {t.name for t in plan_memory(estimated, precision="w4", backend="tensorrt").terms}
+    assert {"weights: decoder (w4)", "weights: embed (fp32)"} <= on_trt  # the gather is ORT's
+    assert "w8" not in estimated.variants_for("decoder")  # calibrate makes the portable w4 only
+    with pytest.raises(ManifestError, match="estimate"):
+        estimated.stage_path("decoder_gqa", "w4")  # nothing can open an estimate
+    with pytest.raises(ManifestError, match="estimates"):
+        estimated.save()
+
+
+def test_vision_mode_walks_the_chain_only_for_fp16_on_the_cpu_provider(tiny_artifacts):
+    manifest = Manifest.load(tiny_artifacts)
+    assert vision_mode(manifest, "onnxruntime", "fp16") == "modular"
+    assert vision_mode(manifest, "onnxruntime", None) == "fused"  # fp32
+    assert vision_mode(manifest, "onnxruntime", "fp16", ["cuda", "cpu"]) == "fused"
+    assert vision_mode(manifest, "tensorrt", "fp16") == "fused"
+    assert vision_mode(manifest, "onnxruntime", "vision=fp16,vit.1=fp32") == "fused"  # mixed
+
+
+def test_fp16_vision_on_the_cpu_walks_the_chain_with_sessions_opened_per_image(tiny_artifacts):
+    """fp16 vision on ONNX Runtime's CPU provider holds no weights between images (each stage
+    opened for its run, at the ``extended`` level) and gives the fused graph's features."""
+    manifest = Manifest.load(tiny_artifacts)
+    pipe = FilaPipeline.from_artifacts(tiny_artifacts, precision="fp16")
+    assert "vision" not in pipe.runners
+    first = pipe.runners[manifest.vision_chain[0]]
+    assert first.session is None and first.loader.level == "extended"
+    opened = []
+    loader = first.loader
+    first.loader = lambda: opened.append(1) or loader()
+    image = pipe.preprocess(np.random.default_rng(0).integers(0, 255, (60, 90, 3), np.uint8))
+    features = pipe.run_vision(image)
+    assert opened == [1] and first.session is None
+    fused = FilaPipeline.from_artifacts(tiny_artifacts, precision="fp16", vision="fused")
+    expected = fused.run_vision(image)
+    rel = np.linalg.norm(features - expected) / np.linalg.norm(expected)
+    assert rel < 5e-3  # fp16 kernels fused differently: 6.2e-4 measured on edge
+    assert "vision" in FilaPipeline.from_artifacts(tiny_artifacts).runners  # fp32: fused, held
+    assert fused.runners["decoder_gqa"].session is not None  # per-token graphs stay open
 
 
 def test_a_pipeline_reports_its_peak_memory(tiny_artifacts):

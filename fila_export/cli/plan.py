@@ -20,15 +20,24 @@ def add_parsers(sub) -> None:
     p.add_argument("--context", type=int, help="positions the KV cache holds (default: the max)")
     p.add_argument("--max-tiles", type=int, help="most sub-images per image (default: the grid's)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="plan w4/w8 variants the export lacks from the sizes of its base graphs (before "
+        "fila calibrate makes them)",
+    )
     p.add_argument("--json", help="also write the plan as JSON here")
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from runtime.manifest import Manifest
-    from runtime.plan import plan_memory, suggestions, with_target
+    from runtime.plan import plan_memory, suggestions, with_target, with_weight_only_estimates
+    from runtime.variants import WEIGHT_ONLY_BITS
 
     manifest = Manifest.load(args.artifacts)
+    if args.estimate:
+        manifest = with_weight_only_estimates(manifest, list(WEIGHT_ONLY_BITS))
     options = {"backend": args.backend, "precision": args.precision, "context": args.context}
     options["max_tiles"] = args.max_tiles
     plan = with_target(plan_memory(manifest, **options), args.board, args.memory_gb)
@@ -47,6 +56,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"DOES NOT FIT: {-left:,.0f} MB over. Changes that would fit:")
             for line in suggestions(manifest, options, plan.available):
                 print(f"- {line}")
+            if args.estimate:
+                print("(w4/w8 sizes estimated: fila calibrate --llm makes those variants)")
     if args.json:
         record = {"terms": [vars(t) for t in plan.terms], "total": plan.total}
         record |= {"available": plan.available, "fits": plan.fits, "target": plan.target}
