@@ -77,24 +77,25 @@ def runtime_target(
     if backend == "onnxruntime":
         opts = {"threads": threads} if threads else {}
         opts |= {"providers": list(providers)} if providers else {}
-    fused = FilaPipeline.from_artifacts(  # the fused graph (per run where fp16 on the CPU)
-        artifacts, backend=backend, precision=precision, vision="fused", decoder=decoder, **opts
+    # what ``fila run`` runs (the fused graph; the modular chain opened per run where vision is
+    # fp16 on the CPU provider); the chain's stages are also timed one by one
+    pipe = FilaPipeline.from_artifacts(
+        artifacts, backend=backend, precision=precision, decoder=decoder, **opts
     )
-    # the modular chain's stages are timed one by one; the decoder is loaded once (in ``fused``)
-    manifest = fused.manifest
+    manifest = pipe.manifest
     chain = manifest.vision_chain
     modular = VisionEncoder(
         load_runners(manifest, chain, backend, precision, **opts), [manifest.spec(n) for n in chain]
     )
-    cfg = fused.preprocess_config
+    cfg = pipe.preprocess_config
     image = load_image(image_path)
     pre = preprocess(image, cfg)
-    t = Target(backend, precision, decoder_stage=fused.decoder_stage)
+    t = Target(backend, precision, decoder_stage=pipe.decoder_stage)
     t.vision = vision_variant(manifest, backend, precision)
-    t.threads_used = session_threads(fused.runners[fused.decoder_stage])
-    t.memory_mb["loaded"] = rss_mb()  # the fused pipeline and the modular chain's stages
+    t.threads_used = session_threads(pipe.runners[pipe.decoder_stage])
+    t.memory_mb["loaded"] = rss_mb()  # the pipeline and the modular chain's stages
     t.stages["preprocess"] = [lambda: preprocess(image, cfg)]
-    t.stages["vision"] = [lambda: fused.run_vision(pre)]
+    t.stages["vision"] = [lambda: pipe.run_vision(pre)]
     feeds = {}
     modular(pre, record=feeds)  # one pass records each stage's inputs
     for name in chain:
@@ -102,22 +103,22 @@ def runtime_target(
         t.stages.setdefault(stage_group(name), []).append(
             lambda r=runner, f=feeds[name]: r.infer(f)
         )
-    _, ids = fused.prompts.request_ids(prompt, [pre.num_tokens])
-    prompt_embeds = fused.prompt_embeds(ids, [pre], [fused.run_vision(pre)])
+    _, ids = pipe.prompts.request_ids(prompt, [pre.num_tokens])
+    prompt_embeds = pipe.prompt_embeds(ids, [pre], [pipe.run_vision(pre)])
     t.memory_mb["after_vision"] = rss_mb()
 
     def prefill():
-        fused.new_decoder(len(ids) + 1).prefill(prompt_embeds, np.ones((1, len(ids)), np.int64))
+        pipe.new_decoder(len(ids) + 1).prefill(prompt_embeds, np.ones((1, len(ids)), np.int64))
 
     t.stages["prefill"] = [prefill]
     prefill()
     t.memory_mb["after_prefill"] = rss_mb()
-    step_embed = fused.embed(np.asarray([[42]], dtype=np.int64))
+    step_embed = pipe.embed(np.asarray([[42]], dtype=np.int64))
 
     def decode_at(context: int, steps: int):
-        dec = fused.new_decoder(context + steps + 1)
+        dec = pipe.new_decoder(context + steps + 1)
         ids = np.random.default_rng(0).integers(4, 200, (1, context), dtype=np.int64)
-        emb = fused.embed(ids)
+        emb = pipe.embed(ids)
 
         def prepare():
             dec.prefill(emb, np.ones((1, context), np.int64))
@@ -128,7 +129,7 @@ def runtime_target(
     t.stages["decode_step"] = [steady_step(decode_at, len(ids))]
 
     def end_to_end():  # a fixed answer length
-        answer = fused.generate(image_path, prompt, max_new_tokens=answer_tokens, ignore_eos=True)
+        answer = pipe.generate(image_path, prompt, max_new_tokens=answer_tokens, ignore_eos=True)
         return len(answer.token_ids)
 
     t.end_to_end = end_to_end

@@ -21,7 +21,11 @@ LLM_PRECISIONS = WEIGHT_ONLY_BITS
 
 
 def quantize_decoder(
-    fp32_path: Path, out: Path, precision: str, block_size: int = 32, accuracy_level: int | None = 4
+    fp32_path: Path,
+    out: Path,
+    precision: str,
+    block_size: int = WEIGHT_ONLY_BLOCK,
+    accuracy_level: int | None = 4,
 ) -> list[Path]:
     """Block-wise symmetric weight-only quantization of every constant-weight MatMul (LM head
     included) into ``MatMulNBits``; the KV cache stays fp32. ``accuracy_level`` 4 lets the CPU

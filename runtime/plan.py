@@ -1,7 +1,8 @@
 """``fila plan``: the memory an export will need on a machine, before anything runs.
 
 The terms: the runtime process itself, the weights of each stage variant the pipeline loads (as
-the backend holds them: ONNX Runtime's CPU provider keeps an fp16 graph's weights as fp32 copies),
+the backend holds them: ONNX Runtime's CPU provider keeps an fp16 decoder's weights as fp32
+copies and opens fp16 vision per image),
 the KV cache at the context, the activation peaks of vision (at the largest anyres grid) and of
 prefill (at the context), and what the board's OS keeps for itself. Each estimate is a formula
 over the model's shapes with constants fitted to peaks measured here (``benchmarks/README.md``,
@@ -60,8 +61,8 @@ CUDA_CONTEXT_BYTES = 400 * MB  # a CUDA context and TensorRT's runtime on a Jets
 # (``edge`` and ``small``): an fp16 decoder keeps its fp16 data and the fp32 copies its kernels
 # run on (2.1x); fp16 vision is opened per image instead (``runtime.backends.fp16_on_cpu``: none
 # held between images, a stage's memory-mapped fp16 while it runs); MatMulNBits is prepacked into
-# MLAS's int8-activation layout (w4 1.65x of its memory-mapped file, w8 1.35x; "quantized": an
-# inline graph, ~2x); fp32 vision convolutions are prepacked too (1.6x); a full-precision
+# MLAS's int8-activation layout (w4 1.65x of its memory-mapped file, w8 1.35x; "quantized": any
+# other decoder variant, not measured: ~2x); fp32 vision convolutions are prepacked too (1.6x); a full-precision
 # embedding table stays memory-mapped and only the gathered rows are read (~0); a block-quantized
 # one is loaded.
 ORT_CPU_HELD = {
@@ -168,12 +169,14 @@ def with_weight_only_estimates(manifest: Manifest, precisions: Sequence[str]) ->
         if base is None or (name != "embed" and group_of(name) != "decoder"):
             continue
         portable_beside_gqa = name == "decoder" and "decoder_gqa" in stages
+        # calibrate quantizes that portable graph from its fp16 variant where there is one
+        source = "fp16" if portable_beside_gqa and "fp16" in entry["variants"] else manifest.base
         for precision in precisions:
             if precision not in WEIGHT_ONLY_BITS or precision in entry["variants"]:
                 continue
             if portable_beside_gqa and precision != "w4":
                 continue
-            made = {"precision": precision, "estimated_from": manifest.base}
+            made = {"precision": precision, "estimated_from": source}
             if name == "embed":  # GatherBlockQuantized: ONNX Runtime's
                 made["backends"] = ["onnxruntime"]
             entry["variants"][precision] = base | made
@@ -182,7 +185,7 @@ def with_weight_only_estimates(manifest: Manifest, precisions: Sequence[str]) ->
 
 def kv_cache(manifest: Manifest, decoder_variant: str, context: int) -> Term:
     shape = DecoderShape.from_text_config(manifest.model["text"])
-    itemsize = 2 if decoder_variant in ("fp16", "w4", "w8") and manifest.base == "fp16" else 4
+    itemsize = 2 if activation_dtype(manifest, decoder_variant) == "fp16" else 4
     size = shape.kv_bytes_per_position(itemsize) * context
     return Term(
         "KV cache", size, f"{context} positions x {shape.kv_bytes_per_position(itemsize):,} B"

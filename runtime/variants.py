@@ -181,8 +181,8 @@ def choose_decoder(manifest, backend: str, wanted: str = "auto") -> str:
 def vision_mode(manifest, backend: str, precision, providers=None) -> str:
     """``modular`` where the fused graph and every chain stage would run fp16 on ONNX Runtime's
     CPU provider (each stage's weights are cast to fp32 while it runs: one stage at a time holds
-    them, not the whole encoder; ``edge``: run peak 4.5 -> 3.4 GB) or where there is no fused
-    graph; else the ``fused`` graph (an int8 one, say, that the chain lacks)."""
+    them, not the whole encoder; ``edge`` w4 run peak 5.5 -> 3.4 GB with per-run sessions) or
+    where there is no fused graph; else the ``fused`` graph (an int8 one, say, that the chain lacks)."""
     chain = manifest.vision_chain
     if "projector" not in chain:
         return "fused"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
+import pytest
 from conftest import run_fila
 
 from benchmarks.machine import STEADY_MALLOC_ENV, steady_allocator
@@ -159,12 +161,20 @@ def test_memory_scripts_print_each_graph_run_and_the_vision_forms(tiny_artifacts
     vision forms with the same features."""
     from benchmarks import phase_memory, vision_per_run
 
+    if not os.access(phase_memory.CLEAR_REFS, os.W_OK):
+        pytest.skip("needs a writable /proc/self/clear_refs (Linux) to reset the peak")
+
     assert phase_memory.main(["--artifacts", str(tiny_artifacts), "--precision", "fp16"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "graph" not in line]
     assert {r.split(" | ")[0][2:] for r in rows} >= {"vit.0", "projector", "embed", "decoder_gqa"}
-    peak = float(out.rsplit("run peak: ", 1)[1].split()[0].replace(",", ""))
-    assert peak > 50
+
+    def number(text: str) -> float:
+        return float(text.split()[0].replace(",", ""))
+
+    peaks = [number(r.split(" | ")[3]) for r in rows]
+    assert number(out.rsplit("run peak: ", 1)[1]) == max(peaks)
+    assert max(peaks) > number(out.split("loaded: ", 1)[1])  # a run holds more than the load
     assert vision_per_run.main(["--artifacts", str(tiny_artifacts), "--rounds", "1"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if "per-run" in line]
     assert len(table) == 2 and all(

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import run_fila
 
 import fila_export.export.stage_export as stage_export
 import fila_export.model.weights as weights_module
@@ -164,6 +165,32 @@ def test_plan_estimates_weight_only_variants_before_they_are_made(tiny_artifacts
         estimated.stage_path("decoder_gqa", "w4")  # nothing can open an estimate
     with pytest.raises(ManifestError, match="estimates"):
         estimated.save()
+
+
+def test_fila_plan_estimate_plans_what_calibrate_would_make(tiny_artifacts):
+    refused = run_fila("plan", "--artifacts", str(tiny_artifacts), "--precision", "w4")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "w4" in refused.stderr
+    r = run_fila("plan", "--artifacts", str(tiny_artifacts), "--precision", "w4", "--estimate")
+    assert r.returncode == 0, r.stderr
+    assert "decoder_gqa.onnx at w4, estimated" in r.stdout
+
+
+def test_a_per_run_runner_opens_per_call_and_refuses_io_binding(tiny_artifacts):
+    from runtime.backends.onnxruntime import OrtRunner, SessionLoader
+    from runtime.onnx_io import BackendError
+
+    loader = SessionLoader(Manifest.load(tiny_artifacts).stage_path("embed"))
+    runner = OrtRunner(loader, "embed", per_run=True)
+    ids = {"input_ids": np.array([[1, 2]], np.int64)}
+    assert runner.session is None and runner.infer(ids)["inputs_embeds"].shape[:2] == (1, 2)
+    with pytest.raises(BackendError, match="per run"):
+        runner.bind_fixed({}, {})
+    with pytest.raises(BackendError, match="needs a loader"):
+        OrtRunner(loader(), "embed", per_run=True)
+    runner.close()
+    with pytest.raises(BackendError, match="closed"):
+        runner.infer(ids)
 
 
 def test_vision_mode_walks_the_chain_only_for_fp16_on_the_cpu_provider(tiny_artifacts):

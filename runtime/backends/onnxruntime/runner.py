@@ -77,7 +77,7 @@ class OrtRunner:
         for name, array in outputs.items():
             _bind(binding.bind_output, name, array)
         t0 = time.perf_counter()
-        self.session.run_with_iobinding(binding, _shrink_arena() if release else None)
+        self._bindable().run_with_iobinding(binding, _shrink_arena() if release else None)
         self.last_inference_time = time.perf_counter() - t0
 
     def _bindable(self):
