@@ -16,10 +16,9 @@ import numpy as np
 from runtime import onnx_io
 from runtime.image_io import load_image
 from runtime.memory import rss_mb
-from runtime.pipeline import FilaPipeline, load_runners
+from runtime.pipeline import FilaPipeline, load_vision_chain
 from runtime.preprocess import preprocess
 from runtime.variants import choose_decoder, precision_spec, stage_variant
-from runtime.vision import VisionEncoder
 
 STAGE_GROUPS = (
     "preprocess",
@@ -84,9 +83,7 @@ def runtime_target(
     )
     manifest = pipe.manifest
     chain = manifest.vision_chain
-    modular = VisionEncoder(
-        load_runners(manifest, chain, backend, precision, **opts), [manifest.spec(n) for n in chain]
-    )
+    modular = load_vision_chain(manifest, backend, precision, **opts)
     cfg = pipe.preprocess_config
     image = load_image(image_path)
     pre = preprocess(image, cfg)

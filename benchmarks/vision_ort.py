@@ -55,16 +55,12 @@ def alternate(fns: dict[str, Callable], rounds: int) -> dict[str, float]:
 def recorded_feeds(manifest, threads: int) -> dict[str, dict]:
     """Each modular vision stage's inputs for the demo photo (its fp32 chain run once)."""
     from runtime.image_io import load_image
-    from runtime.pipeline import load_runners
+    from runtime.pipeline import load_vision_chain
     from runtime.preprocess import preprocess
-    from runtime.vision import VisionEncoder, image_feeds
+    from runtime.vision import image_feeds
 
     image = preprocess(load_image(IMAGE), manifest.preprocess)
-    chain = manifest.vision_chain
-    encoder = VisionEncoder(
-        load_runners(manifest, chain, "onnxruntime", "fp32", threads=threads),
-        [manifest.spec(n) for n in chain],
-    )
+    encoder = load_vision_chain(manifest, "onnxruntime", "fp32", threads=threads)
     feeds: dict[str, dict] = {}
     encoder(image, record=feeds)
     feeds["vision"] = image_feeds(image)

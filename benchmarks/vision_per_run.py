@@ -19,16 +19,9 @@ from fila_export.demo import PHOTOS
 from runtime.backends.onnxruntime import OrtRunner, SessionLoader
 from runtime.image_io import load_image
 from runtime.manifest import Manifest
-from runtime.pipeline import load_runners
+from runtime.pipeline import load_vision_chain
 from runtime.preprocess import preprocess
-from runtime.vision import VisionEncoder, image_feeds
-
-
-def chain(manifest: Manifest, **options) -> VisionEncoder:
-    """The modular vision chain alone (no decoder loaded), as the pipeline loads it."""
-    names = manifest.vision_chain
-    runners = load_runners(manifest, names, "onnxruntime", "fp16", **options)
-    return VisionEncoder(runners, [manifest.spec(n) for n in names])
+from runtime.vision import image_feeds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,8 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image", default=str(PHOTOS / "grace_hopper.jpg"))
     args = p.parse_args(argv)
     manifest = Manifest.load(args.artifacts)
-    per_run = chain(manifest, threads=args.threads)
-    per_run_all = chain(manifest, threads=args.threads, level="all")
+    per_run = load_vision_chain(manifest, "onnxruntime", "fp16", threads=args.threads)
+    per_run_all = load_vision_chain(
+        manifest, "onnxruntime", "fp16", threads=args.threads, level="all"
+    )
     path = manifest.stage_path("vision", "fp16")
     kept = OrtRunner(SessionLoader(path, threads=args.threads, level="all", arena=False), "vision")
     image = preprocess(load_image(args.image), manifest.preprocess)

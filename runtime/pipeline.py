@@ -105,6 +105,16 @@ def load_runners(
     return runners
 
 
+def load_vision_chain(
+    manifest: Manifest, backend: str, precision: str | PrecisionSpec | None, **options
+) -> VisionEncoder:
+    """The modular vision chain alone (no decoder), each stage loaded as the pipeline loads it:
+    for benchmarks that time or record its stages one by one."""
+    names = manifest.vision_chain
+    runners = load_runners(manifest, names, backend, precision, **options)
+    return VisionEncoder(runners, [manifest.spec(n) for n in names])
+
+
 def prompt_builder(manifest: Manifest) -> PromptBuilder:
     """The export's tokenizer and chat template (both files hash-checked)."""
     tokenizer = manifest.data.get("tokenizer", "tokenizer.json")
