@@ -194,7 +194,7 @@ def _gemv_read(nbytes: int, repeats: int, threads: int | None) -> float:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])],
         [numpy_helper.from_array(weight, "w")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = onnx_io.make_model(graph, [helper.make_opsetid("", 18)])
     session = onnx_io.session(model, threads)
     del model, graph
     x = {"x": np.ones((1, rows), dtype=np.float32)}

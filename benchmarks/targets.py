@@ -82,8 +82,8 @@ def runtime_target(
         artifacts, backend=backend, precision=precision, decoder=decoder, **opts
     )
     manifest = pipe.manifest
-    chain = manifest.vision_chain
-    modular = load_vision_chain(manifest, backend, precision, **opts)
+    chain = timed_chain(manifest, backend, precision)
+    modular = load_vision_chain(manifest, backend, precision, **opts) if chain else None
     cfg = pipe.preprocess_config
     image = load_image(image_path)
     pre = preprocess(image, cfg)
@@ -94,7 +94,8 @@ def runtime_target(
     t.stages["preprocess"] = [lambda: preprocess(image, cfg)]
     t.stages["vision"] = [lambda: pipe.run_vision(pre)]
     feeds = {}
-    modular(pre, record=feeds)  # one pass records each stage's inputs
+    if modular is not None:
+        modular(pre, record=feeds)  # one pass records each stage's inputs
     for name in chain:
         runner = modular.runners[name]
         t.stages.setdefault(stage_group(name), []).append(
@@ -136,6 +137,21 @@ def runtime_target(
     if backend == "tensorrt" and engines.is_dir():
         t.sizes.update({p.name: p.stat().st_size for p in engines.glob("*.plan")})
     return t
+
+
+def timed_chain(manifest, backend: str, precision: str) -> list[str]:
+    """The modular vision stages timed one by one: all of them, but on TensorRT only when every
+    one has an engine (``fila build`` makes the fused graph's by default; ``--stages`` the
+    chain's), else none: the fused ``vision`` figure is what ``fila run`` runs."""
+    chain = manifest.vision_chain
+    if backend != "tensorrt":
+        return chain
+    from runtime.backends.tensorrt.loader import built_engines
+
+    built = built_engines(manifest)
+    spec = precision_spec(manifest, precision)
+    ok = all((n, stage_variant(manifest, spec, n, backend)) in built for n in chain)
+    return chain if ok else []
 
 
 def vision_variant(manifest, backend: str, precision: str) -> dict:

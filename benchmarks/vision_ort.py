@@ -133,9 +133,7 @@ def gemm_forms(rows: int, width: int, mlp: int, threads: int, rounds: int) -> di
             [helper.make_tensor_value_info("c", TensorProto.FLOAT, [rows, n])],
             [helper.make_tensor("b", TensorProto.FLOAT, [k, n], b.ravel())],
         )
-        sess = onnx_io.session(
-            helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), threads
-        )
+        sess = onnx_io.session(onnx_io.make_model(graph, [helper.make_opsetid("", 20)]), threads)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         fns = {
             "pytorch": lambda x=ta, y=tb: x @ y,
@@ -192,8 +190,7 @@ def attention_forms(
     rng = np.random.default_rng(0)
     feeds = {n: rng.standard_normal((tiles, tokens, width)).astype(np.float32) for n in "qkv"}
     sessions = {
-        k: onnx_io.session(helper.make_model(g, opset_imports=opsets), threads)
-        for k, g in graphs.items()
+        k: onnx_io.session(onnx_io.make_model(g, opsets), threads) for k, g in graphs.items()
     }
     diff = float(
         np.abs(

@@ -32,9 +32,9 @@ from calibration.dataset import (
     split_images,
     vision_stages,
 )
-from calibration.qdq import METHODS, has_conv
+from calibration.qdq import METHODS, fp16_compute, has_conv
 from calibration.report import CalibrationReport, StageRow
-from calibration.sensitivity import StageQuantization, quantize_vision_stage
+from calibration.sensitivity import StageQuantization, evaluate, quantize_vision_stage
 from calibration.weight_only import (
     EMBED_BLOCK,
     INT4_QDQ_BLOCK,
@@ -54,12 +54,21 @@ QUANT_SCHEME = {
     "int8": {
         "activations": "int8 symmetric per-tensor (zero point 0)",
         "weights": "int8 symmetric per-channel (output-channel axis)",
-        "format": "QDQ",
+        "format": "QDQ in an fp16 graph (TensorRT's strongly typed int8)",
+        "compute": "fp16 outside Conv/MatMul/Gemm; LayerNorm, Softmax, ReduceMean in fp32; "
+        "fp32 inputs and outputs",
+    },
+    "int8-fp32": {  # the int8-cpu of a stage without convolutions
+        "activations": "int8 symmetric per-tensor (zero point 0)",
+        "weights": "int8 symmetric per-channel (output-channel axis)",
+        "format": "QDQ in an fp32 graph, run by ONNX Runtime's CPU provider as "
+        "MatMulIntegerToFloat",
         "kept_fp32": "all ops but Conv/MatMul/Gemm",
     },
     "int8-cpu": {
         "activations": "uint8 asymmetric per-tensor (zero points), Q/DQ on inputs and outputs",
-        "weights": "int8 symmetric per-channel (output-channel axis), int32 bias",
+        "weights": "int8 symmetric per-channel (output-channel axis) in a 7-bit range "
+        "(reduce_range: no int16 saturation in x86 kernels without VNNI), int32 bias",
         "format": "QDQ, fused by ONNX Runtime into QLinearConv / QLinearMatMul (CPU)",
         "kept_fp32": "ops whose inputs and outputs are not quantized",
     },
@@ -195,9 +204,10 @@ CPU_INT8 = "int8-cpu"  # ONNX Runtime's CPU layout of a stage with convolutions 
 
 
 def int8_jobs(manifest: Manifest, names: Sequence[str]) -> list[tuple[str, str, str]]:
-    """(stage, variant, layout) to make: every stage in TensorRT's layout (``int8``, which ONNX
-    Runtime runs too), and the stages with convolutions also in ONNX Runtime's CPU layout
-    (``int8-cpu``): its CPU provider has no int8 convolution for the TensorRT layout."""
+    """(stage, variant, layout) to quantize: every stage in TensorRT's layout (``int8``, and its
+    fp32 form ONNX Runtime's ``int8-cpu`` for stages without convolutions), and the stages with
+    convolutions in ONNX Runtime's CPU layout (their ``int8-cpu``): its CPU provider has no int8
+    convolution for the TensorRT layout."""
     jobs = [(name, "int8", "tensorrt") for name in names]
     return jobs + [(n, CPU_INT8, "cpu") for n in names if has_conv(manifest.stage_path(n))]
 
@@ -207,11 +217,12 @@ def quantize_vision(manifest, split, store, work, names, s, report, say) -> dict
     its report row, and the whole int8 chain's accuracy when every chain stage was quantized.
     Returns {(stage, variant): StageQuantization}."""
     results: dict[tuple[str, str], StageQuantization] = {}
-    for name, variant, layout in int8_jobs(manifest, names):
-        file = f"{name}.{variant}.onnx"
+    jobs = int8_jobs(manifest, names)
+    with_conv = {n for n, _, layout in jobs if layout == "cpu"}
+    for name, variant, layout in jobs:
         res = quantize_vision_stage(
             manifest.stage_path(name),
-            work / file,
+            work / f"{name}.{variant}.onnx",
             store,
             name,
             s.method,
@@ -223,11 +234,18 @@ def quantize_vision(manifest, split, store, work, names, s, report, say) -> dict
             say,
             layout,
         )
-        results[(name, variant)] = res
+        if layout != "tensorrt":
+            results[(name, variant)] = res
+            continue
+        fp32_form, results[(name, variant)] = tensorrt_int8(name, res, work, store, s, say)
+        if name not in with_conv:
+            results[(name, CPU_INT8)] = fp32_form
+    fp32_bytes = {n: onnx_io.graph_bytes(manifest.stage_path(n)) for n in names}
+    for (name, variant), res in results.items():
         if res.message:
             report.messages.append(res.message)
-        fp32_bytes = onnx_io.graph_bytes(manifest.stage_path(name))
-        report.stages.append(stage_row(name, variant, file, res, fp32_bytes, s.gate_cosine))
+        row = stage_row(name, variant, res.file.name, res, fp32_bytes[name], s.gate_cosine)
+        report.stages.append(row)
     chain = manifest.vision_chain
     limit = min(s.e2e_images, len(split.held_out))
     int8 = {name: res for (name, variant), res in results.items() if variant == "int8"}
@@ -235,6 +253,27 @@ def quantize_vision(manifest, split, store, work, names, s, report, say) -> dict
         say("modular int8 chain end to end")
         report.modular_chain = chain_accuracy(manifest, int8, store, limit, s.threads)
     return results
+
+
+def tensorrt_int8(name: str, res: StageQuantization, work: Path, store, s, say) -> tuple:
+    """(the fp32 Q/DQ graph as ``int8-cpu``, the ``int8`` variant TensorRT builds: the same graph
+    in fp16 compute, re-measured against the fp32 stage)."""
+    fp32_file = work / f"{name}.{CPU_INT8}.onnx"
+    model = onnx_io.load(res.file)
+    onnx_io.save(model, fp32_file)  # under its own name, with its own external data
+    fp16_compute(model, res.file)
+    del model
+    metrics = evaluate(onnx_io.session(res.file, s.threads), store, name)
+    say(f"{name}: int8 in fp16 compute (TensorRT's): cosine {metrics.cosine:.5f}")
+    validated = metrics.cosine >= s.gate_cosine
+    message = res.message
+    if res.validated and not validated:
+        message = (
+            f"stage {name}: the int8 graph meets its gate in fp32 compute but not in fp16 "
+            f"(cosine {metrics.cosine:.5f} < {s.gate_cosine}); written with validated: false"
+        )
+    fp16 = dataclasses.replace(res, metrics=metrics, validated=validated, message=message)
+    return dataclasses.replace(res, file=fp32_file), fp16
 
 
 def stage_row(name, variant, file, res: StageQuantization, fp32_bytes, gate) -> StageRow:
@@ -316,11 +355,18 @@ def vision_entries(results: dict, split: CalibrationSplit, s) -> dict[tuple[str,
             "accuracy": accuracy_entry(res.metrics),
             "validated": res.validated,
             "gate": {"cosine": s.gate_cosine},
-            "scheme": QUANT_SCHEME[variant],
+            "scheme": QUANT_SCHEME[scheme_name(variant, res.layout)],
         }
         if variant == CPU_INT8:
             entries[(name, variant)]["backends"] = ["onnxruntime"]
     return entries
+
+
+def scheme_name(variant: str, layout: str) -> str:
+    """The QUANT_SCHEME entry of an int8 variant made in ``layout``."""
+    if variant == CPU_INT8 and layout == "tensorrt":
+        return "int8-fp32"
+    return variant
 
 
 def decoder_entries(manifest, made: Variants, report, split, s) -> dict[tuple[str, str], dict]:

@@ -4,18 +4,23 @@
 activations and weights (every zero point is an int8 0), per-channel weight scales on the
 output-channel axis (Conv: 0; MatMul weights are ``[in, out]``: 1), bias left in float. Only
 Conv / MatMul / Gemm inputs are quantized (the precision policy): LayerNorm, Softmax, GELU, the
-residual adds and every other op stay fp32, and ``restore_float_consumers`` makes sure no fp32 op
-reads a dequantized tensor (onnxruntime would otherwise route every consumer of a quantized tensor
-through the same Q/DQ pair). ONNX Runtime's CPU provider runs the MatMuls of that layout as int8
-(``MatMulIntegerToFloat``) but not the convolutions: it has no int8 convolution without a
-quantized output, so it dequantizes the weights and convolves in fp32 (the ``small`` ConvNeXt
-1.2x slower than fp32).
+residual adds and every other op stay float, and ``restore_float_consumers`` makes sure no float
+op reads a dequantized tensor (onnxruntime would otherwise route every consumer of a quantized
+tensor through the same Q/DQ pair). Calibration and the sensitivity pass run on the fp32 graph;
+the ``int8`` variant TensorRT builds is that graph in fp16 compute (``fp16_compute``), and the
+fp32 one is kept as ONNX Runtime's ``int8-cpu`` for stages without convolutions (its CPU
+provider runs those MatMuls as int8, ``MatMulIntegerToFloat``, where fp16 would be cast back).
+It has no int8 convolution for that layout (it dequantizes the weights and convolves in fp32:
+the ``small`` ConvNeXt 1.2x slower than fp32), hence the ``cpu`` layout.
 
 ``cpu`` (``int8-cpu`` variants, ONNX Runtime only, made for stages with convolutions): unsigned
 int8 activations with zero points and Q/DQ on the outputs too, the form onnxruntime fuses into
 ``QLinearConv`` with its u8 x s8 kernels (VNNI on x86; the ``small`` ConvNeXt 2x faster than
-fp32). Calibration ranges are computed once per stage and layout (quantize_static's calibration
-cache) and reused by every call.
+fp32). Its weights use 7 of the 8 bits (``reduce_range``): without VNNI (AVX2 only, as on this
+CI's AMD EPYC) those kernels add pairs of u8 x s8 products in int16 and saturate with full-range
+weights (the ``tiny`` ConvNeXt at cosine 0.78 fully quantized; 0.9992 with 7-bit weights), and a
+variant must stay right on whichever x86 CPU runs it. Calibration ranges are computed once per
+stage and layout (quantize_static's calibration cache) and reused by every call.
 """
 
 from __future__ import annotations
@@ -174,7 +179,7 @@ def quantize_qdq(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANT_OPS),
             per_channel=True,
-            reduce_range=False,
+            reduce_range=layout != "tensorrt",  # 7-bit weights: int16 saturation (docstring)
             activation_type=QuantType.QInt8 if layout == "tensorrt" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=list(exclude),
@@ -184,16 +189,40 @@ def quantize_qdq(
             calibration_cache_path=cache,
         )
     qmodel = onnx.load(str(tmp), load_external_data=True)
-    if layout == "tensorrt":
-        restore_float_consumers(qmodel, set(exclude))
+    # TensorRT layout: only Conv/MatMul/Gemm read dequantized tensors. CPU layout: ops around
+    # the quantized ones may (its Q/DQ on outputs fuse into QLinearConv), but an excluded node
+    # reads float, as the sensitivity pass measured it (a quantized neighbour's output Q/DQ
+    # would otherwise still feed it)
+    restore_float_consumers(qmodel, set(exclude), only_excluded=layout != "tensorrt")
     onnx_io.save(qmodel, out)
     for p in (tmp, tmp.with_name(tmp.name + ".data")):
         p.unlink(missing_ok=True)
     return qmodel
 
 
-def restore_float_consumers(model, excluded: set[str] = frozenset()) -> int:
-    """Make ops outside the policy read the float tensor, not its dequantized copy.
+def fp16_compute(model, out: Path) -> None:
+    """Write the TensorRT layout's graph (a ModelProto, converted in place) with what it computes
+    in float made fp16, as an fp16 export's graphs are: Q/DQ scales and the ops between the
+    quantized ones in fp16, normalisation and softmax in fp32 (``runtime.onnx_io.NORM_OPS``),
+    inputs and outputs fp32 (the stage's interface). A strongly typed TensorRT build then runs
+    every layer left unquantized in fp16; from the fp32 graph it would run them in true fp32
+    (TF32 off), slower than the fp16 engine the int8 one is meant to beat."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *onnx_io.NORM_OPS]
+    )
+    del model.graph.value_info[:]  # the converter leaves some with their fp32 type: re-inferred
+    ONNXModel(model).topological_sort()  # it appends the input casts last; ONNX wants order
+    onnx_io.save(model, out)
+
+
+def restore_float_consumers(
+    model, excluded: set[str] = frozenset(), only_excluded: bool = False
+) -> int:
+    """Make ops outside the policy (``only_excluded``: the excluded nodes alone) read the float
+    tensor, not its dequantized copy.
 
     onnxruntime inserts one Q/DQ pair per quantized tensor and routes *every* consumer through it,
     so a residual Add or a LayerNorm that shares an input with a MatMul would compute on int8
@@ -228,7 +257,10 @@ def restore_float_consumers(model, excluded: set[str] = frozenset()) -> int:
         for node in graph.node:
             if node is dq or node is q:
                 continue
-            if node.op_type in keep_ops and node.name not in excluded:
+            reads_float = node.name in excluded or (
+                not only_excluded and node.op_type not in keep_ops
+            )
+            if not reads_float:
                 continue
             for i, name in enumerate(node.input):
                 if name == dq.output[0]:

@@ -46,6 +46,32 @@ def evaluate(
     return acc.result()
 
 
+FLOAT_ALIAS = ".fila_float"
+
+
+def float_input(name: str, fp32_inits: dict, producer: dict) -> str:
+    """The name a gate's float path reads for the fp32 tensor ``name``: the tensor itself, or,
+    for a weight whose dequantized copy took its name in the quantized graph (an int32 bias in
+    the ``cpu`` layout), an alias of the fp32 initializer (one name may be defined only once)."""
+    return f"{name}{FLOAT_ALIAS}" if name in fp32_inits and name in producer else name
+
+
+def float_initializer(name: str, fp32_inits: dict):
+    """The fp32 initializer for ``float_input``'s name (a renamed copy for an alias), or None
+    when the float input is an activation."""
+    if name in fp32_inits:
+        return fp32_inits[name]
+    source = fp32_inits.get(name.removesuffix(FLOAT_ALIAS)) if name.endswith(FLOAT_ALIAS) else None
+    if source is None:
+        return None
+    import onnx
+
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(source)
+    tensor.name = name
+    return tensor
+
+
 class GateSim:
     """The fully quantized graph with one bool input per candidate node: True feeds the node its
     dequantized inputs, False its float ones. One session serves every sensitivity trial."""
@@ -73,9 +99,10 @@ class GateSim:
                 dq = producer.get(inp)
                 if dq is None or dq.op_type != "DequantizeLinear":
                     continue
-                float_name = fp32_nodes[name].input[i]
-                if float_name in fp32_inits and float_name not in have:
-                    graph.initializer.append(fp32_inits[float_name])
+                float_name = float_input(fp32_nodes[name].input[i], fp32_inits, producer)
+                tensor = float_initializer(float_name, fp32_inits)
+                if tensor is not None and float_name not in have:
+                    graph.initializer.append(tensor)
                     have.add(float_name)
                 out = f"{inp}.{gate}"
                 new_nodes.append(
@@ -119,6 +146,7 @@ class StageQuantization:
     trials: int = 0
     message: str = ""
     layout_problems: list[str] = field(default_factory=list)
+    layout: str = "tensorrt"  # calibration.qdq.LAYOUTS
 
 
 def quantize_vision_stage(
@@ -151,7 +179,7 @@ def quantize_vision_stage(
     nodes = len(quantized_nodes(qmodel))
     passed = full.cosine >= gate_cosine
     result = StageQuantization(
-        stage, out, method, [], full, gate_cosine, passed, len(cands), nodes, full
+        stage, out, method, [], full, gate_cosine, passed, len(cands), nodes, full, layout=layout
     )
     if passed or max_excluded == 0:
         result.layout_problems = layout_problems(qmodel, layout)

@@ -200,7 +200,7 @@ def quantize_embedding(source: Path, out: Path, precision: str, block_size: int 
         inits,
     )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
+    model = onnx_io.make_model(graph, opsets)
     return onnx_io.save(model, out), accuracy.result()
 
 

@@ -27,8 +27,9 @@ class BatchDecoder:
             raise FilaError("batched decoding needs the decoder_gqa graph (ONNX Runtime)")
         self.runner, self.rows, self.max_len = runner, rows, max_len
         dtype = np_dtype(inputs["past.0.key"].dtype)  # an fp16 graph keeps an fp16 cache
+        device = getattr(runner, "cache_device", "cpu")  # the GPU under ONNX Runtime's CUDA
         self.cache = SharedKVCache(
-            shape.num_layers, rows, shape.kv_heads, shape.head_dim, max_len, dtype
+            shape.num_layers, rows, shape.kv_heads, shape.head_dim, max_len, dtype, device
         )
         self.lengths = np.zeros(rows, dtype=np.int64)
         self.logits = np.zeros((rows, shape.vocab), dtype=np.float32)

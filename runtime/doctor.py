@@ -19,6 +19,7 @@ from runtime.jetson import PowerError, l4t_release, parse_tegrastats
 
 # What each JetPack ships (NVIDIA's release notes): CUDA and TensorRT by L4T major.minor.
 STACKS = {
+    # TensorRT 8.6 has no strong typing: fila build gives it FP16/INT8 builder flags instead
     "36.3": {"jetpack": "6.0", "cuda": "12.2", "tensorrt": "8.6"},
     "36.4": {"jetpack": "6.1/6.2", "cuda": "12.6", "tensorrt": "10.3"},
     "38.2": {"jetpack": "7.0", "cuda": "13.0", "tensorrt": "10.13"},
@@ -158,7 +159,7 @@ def python_packages(facts: Facts, jetson) -> list[Finding]:
                 "numpy",
                 f"numpy {numpy}: JetPack 6's onnxruntime-gpu and torch wheels are built against "
                 "numpy 1.x and fail to import with 2.x",
-                "pip install 'numpy<2' (constraints/jetpack6.txt pins it)",
+                "pip install 'numpy<2' (pip install -c constraints/jetpack6.txt pins it)",
             )
         )
     if "onnx" not in facts.packages:
@@ -172,15 +173,17 @@ def cuda_findings(facts: Facts, stack) -> list[Finding]:
     cuda = facts.cuda_version or (stack["cuda"] if stack else None)
     if not cuda_python or not cuda:
         return []
-    major = cuda.split(".")[0]
-    if cuda_python.split(".")[0] != major:
+    major, minor = (int(x) for x in (cuda.split(".") + ["0"])[:2])
+    have = tuple(int(x) for x in re.findall(r"\d+", cuda_python)[:2])
+    if have[0] != major or have[1] > minor:
+        why = "another major version" if have[0] != major else "newer than the board's CUDA"
         return [
             Finding(
                 "error",
                 "cuda-python",
-                f"cuda-python {cuda_python} does not match CUDA {cuda}: the TensorRT runner's "
-                "first CUDA call fails",
-                f"pip install 'cuda-python>={major},<{int(major) + 1}'",
+                f"cuda-python {cuda_python} is {why} ({cuda}): its runtime bindings ask a driver "
+                "of their own version, so the TensorRT runner's first CUDA call fails",
+                f"pip install 'cuda-python>={major}.{minor},<{major}.{minor + 1}'",
             )
         ]
     return [Finding("ok", "cuda-python", f"{cuda_python} for CUDA {cuda}")]

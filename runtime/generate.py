@@ -147,13 +147,15 @@ class Decoder:
         inputs = {meta.name: meta for meta in getattr(runner, "inputs", ())}
         self.shared = "seqlens_k" in inputs
         cache_dtype = np_dtype(inputs["past.0.key"].dtype) if "past.0.key" in inputs else np.float32
+        device = getattr(runner, "cache_device", "cpu")  # the GPU under ONNX Runtime's CUDA
+        geometry = (num_layers, batch, kv_heads, head_dim, max_len, cache_dtype, device)
         if self.on_device:
             runner.ensure_cache(num_layers, max_len, (batch, kv_heads, head_dim))
             self.cache = None
         elif self.shared:
-            self.cache = SharedKVCache(num_layers, batch, kv_heads, head_dim, max_len, cache_dtype)
+            self.cache = SharedKVCache(*geometry)
         else:
-            self.cache = KVCache(num_layers, batch, kv_heads, head_dim, max_len, cache_dtype)
+            self.cache = KVCache(*geometry)
         self.length = 0
         self.mask = np.zeros((batch, max_len), dtype=np.int64)
         self.next_position = np.zeros(batch, dtype=np.int64)
@@ -176,6 +178,7 @@ class Decoder:
             outputs = {"logits": self.logits, **self.cache.slots(seq)}
             self.runner.infer_into(feeds, outputs, release=seq > 1)
         else:
+            self.cache.require_host("a runner without IO binding")
             feeds.update(self.cache.past())
             out = self.runner.infer(feeds)
             for name, slot in self.cache.slots(seq).items():

@@ -5,20 +5,85 @@ decoder graph: the prefix ``[:length]`` that the decoder reads and the slot ``[l
 that it writes are both contiguous views, so neither is copied (the ONNX Runtime backend binds
 them directly). ``SharedKVCache`` is the ``decoder_gqa`` graph's: one (batch, kv_heads, max_len,
 head_dim) buffer per layer and K/V, bound as both the past input and the present output.
+
+Either lives in host memory (numpy) or, when the decoder runs on ONNX Runtime's CUDA provider, in
+device memory (``DeviceArray``: one ONNX Runtime ``OrtValue``, as onnxruntime-genai keeps its
+cache): then no step copies the cache between host and GPU, and GroupQueryAttention keeps its
+in-place buffer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+
+@dataclass
+class DeviceArray:
+    """A contiguous block of device memory seen as an array: its address, shape and dtype (what
+    an IO binding takes), and the ``OrtValue`` that owns it (a view holds its parent's)."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    device: str
+    owner: object = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __getitem__(self, key) -> DeviceArray:
+        """Leading integers, then at most one step-1 slice: the contiguous views caches take."""
+        key = key if isinstance(key, tuple) else (key,)
+        strides = [
+            int(np.prod(self.shape[i + 1 :])) * self.dtype.itemsize for i in range(len(self.shape))
+        ]
+        offset, dims = 0, list(self.shape)
+        for axis, index in enumerate(key):
+            if isinstance(index, slice):
+                start, stop, step = index.indices(self.shape[axis])
+                if step != 1 or axis != len(key) - 1:
+                    raise IndexError("a device view takes integers, then one step-1 slice")
+                offset += start * strides[axis]
+                return DeviceArray(
+                    self.ptr + offset,
+                    (stop - start, *self.shape[axis + 1 :]),
+                    self.dtype,
+                    self.device,
+                    self.owner,
+                )
+            offset += int(index) * strides[axis]
+            dims = list(self.shape[axis + 1 :])
+        return DeviceArray(self.ptr + offset, tuple(dims), self.dtype, self.device, self.owner)
+
+
+def allocate(shape: tuple[int, ...], dtype: np.dtype, device: str = "cpu"):
+    """A zeroed buffer: a numpy array on the host, a ``DeviceArray`` over an ONNX Runtime
+    ``OrtValue`` on ``cuda`` (zeros copied in once; the cache is never read where unwritten)."""
+    zeros = np.zeros(shape, dtype=dtype)
+    if device == "cpu":
+        return zeros
+    import onnxruntime as ort
+
+    value = ort.OrtValue.ortvalue_from_numpy(zeros, device, 0)
+    return DeviceArray(int(value.data_ptr()), tuple(shape), np.dtype(dtype), device, value)
 
 
 class _Preallocated:
     """One buffer for every layer's K and V, allocated once; ``length`` positions are filled."""
 
     def __init__(
-        self, num_layers: int, max_len: int, layer_shape: tuple[int, ...], dtype: np.dtype
+        self,
+        num_layers: int,
+        max_len: int,
+        layer_shape: tuple[int, ...],
+        dtype: np.dtype,
+        device: str = "cpu",
     ) -> None:
-        self.buffer = np.zeros((num_layers, 2, *layer_shape), dtype=dtype)
+        self.buffer = allocate((num_layers, 2, *layer_shape), np.dtype(dtype), device)
+        self.device = device
         self.num_layers = num_layers
         self.max_len = max_len
         self.length = 0
@@ -30,6 +95,10 @@ class _Preallocated:
     def check_room(self, n: int) -> None:
         if self.length + n > self.max_len:
             raise ValueError(f"KV cache full: {self.length} + {n} > {self.max_len}")
+
+    def require_host(self, why: str) -> None:
+        if self.device != "cpu":
+            raise ValueError(f"a KV cache on {self.device} cannot be used with {why}")
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -49,8 +118,9 @@ class KVCache(_Preallocated):
         head_dim: int,
         max_len: int,
         dtype: np.dtype = np.float32,
+        device: str = "cpu",
     ) -> None:
-        super().__init__(num_layers, max_len, (max_len, batch, kv_heads, head_dim), dtype)
+        super().__init__(num_layers, max_len, (max_len, batch, kv_heads, head_dim), dtype, device)
 
     def past(self) -> dict[str, np.ndarray]:
         """``past.{i}.key/value`` views of the filled prefix."""
@@ -81,8 +151,9 @@ class SharedKVCache(_Preallocated):
         head_dim: int,
         max_len: int,
         dtype: np.dtype = np.float32,
+        device: str = "cpu",
     ) -> None:
-        super().__init__(num_layers, max_len, (batch, kv_heads, max_len, head_dim), dtype)
+        super().__init__(num_layers, max_len, (batch, kv_heads, max_len, head_dim), dtype, device)
         self.binding = None  # an ONNX Runtime IO binding of the whole buffers, kept by ``run``
         self.bound_to = None  # the runner it belongs to
 
@@ -110,6 +181,7 @@ class SharedKVCache(_Preallocated):
             outputs = {"logits": logits, **self.buffers("present", row)}
             runner.infer_into(feeds | self.buffers("past", row), outputs, release=release)
         else:
+            self.require_host("a runner without IO binding")
             out = runner.infer(feeds | self.buffers("past", row))
             for name, buffer in self.buffers("present", row).items():
                 buffer[...] = out[name]

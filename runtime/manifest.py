@@ -2,13 +2,13 @@
 
 Written by ``fila export``, read by the runtime, the TensorRT builder and the validator. A load
 reads the JSON only; each file is hash-checked the first time something opens it (a 7 B export
-holds tens of GB of variants a run never touches), and ``verify`` (``fila verify``) checks them
+holds tens of GB of variants a run never touches), unless the verification record says it has not
+changed since it last matched (``runtime.verified``); ``verify`` (``fila verify``) re-hashes them
 all. Paths that leave the artifact folder are refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +17,11 @@ from typing import Any
 from runtime.errors import ManifestError
 from runtime.preprocess import PreprocessConfig
 from runtime.spec import StageSpec
+from runtime.verified import VerifiedFiles, sha256_file
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 REEXPORT = "re-export it with `fila export --checkpoint DIR --out DIR --force`"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def safe_path(folder: Path, name: str) -> Path:
@@ -47,6 +40,15 @@ class Manifest:
     folder: Path
     data: dict[str, Any]
     checked: set[str] = field(default_factory=set, repr=False)  # files whose hash was checked
+    verified: VerifiedFiles = field(init=False, repr=False)  # files unchanged since they matched
+
+    def __post_init__(self) -> None:
+        self.verified = VerifiedFiles(self.folder)
+
+    @property
+    def hashed(self) -> list[str]:
+        """The files this load hashed by reading them (the others the record vouched for)."""
+        return self.verified.hashed
 
     # --- reading -------------------------------------------------------------------------
     @classmethod
@@ -73,26 +75,29 @@ class Manifest:
         return cls(folder, data)
 
     def verify(self) -> list[str]:
-        """Hash-check every listed file (``fila verify``); returns what was checked."""
+        """Hash-check every listed file by reading it (``fila verify``: the verification record
+        is refreshed, never trusted); returns what was checked."""
+        self.checked.clear()
         for label, entry in self.files().items():
-            self._check(label, entry)
+            self._check(label, entry, rehash=True)
         return list(self.files())
 
-    def _check(self, label: str, entry: dict) -> Path:
-        """The file of a manifest entry, its sha256 checked once per load."""
+    def _check(self, label: str, entry: dict, rehash: bool = False) -> Path:
+        """The file of a manifest entry, its sha256 checked once per load: by reading it, or by
+        the verification record when the file is unchanged since it last matched."""
         path = safe_path(self.folder, entry["file"])
         if entry["file"] in self.checked:
             return path
         if not path.is_file():
             raise ManifestError(f"{label}: file {entry['file']} is missing; {REEXPORT}")
-        actual = sha256_file(path)
-        if actual != entry["sha256"]:
+        name, expected = entry["file"], entry["sha256"]
+        actual = self.verified.sha256(name, path, expected, rehash)
+        if actual != expected:
             raise ManifestError(
-                f"{label}: {entry['file']} does not match the manifest (sha256 {actual[:12]}..., "
-                f"expected {entry['sha256'][:12]}...): the file was changed after export; "
-                f"{REEXPORT}"
+                f"{label}: {name} does not match the manifest (sha256 {actual[:12]}..., "
+                f"expected {expected[:12]}...): the file was changed after export; {REEXPORT}"
             )
-        self.checked.add(entry["file"])
+        self.checked.add(name)
         return path
 
     def files(self) -> dict[str, dict]:

@@ -28,6 +28,31 @@ LEVELS = {
 }
 
 
+# Kept in fp32 inside fp16 graphs (the export's and the int8 variants' made for TensorRT): an fp16
+# LayerNorm or Softmax loses the precision its sums need (``fila check-trt``'s fp32-norm rule
+# looks for the same ops). transformers' RMSNorm computes in fp32 by itself; the residual Adds
+# stay in the graph's dtype (as an fp16 TensorRT build runs).
+NORM_OPS = (
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RMSNormalization",
+    "Softmax",
+    "ReduceMean",
+)
+# The IR version of graphs this toolkit makes itself (weight-only embeddings, benchmark probes):
+# what torch's exporter writes, and what every ONNX Runtime since 1.16 reads. onnx's own default
+# follows the onnx release (IR 14 with onnx 1.23) and JetPack 6's onnxruntime 1.23 refuses it
+# ("Unsupported model IR version ..., max supported IR version: 11").
+IR_VERSION = 10
+
+
+def make_model(graph, opset_imports):
+    """``onnx.helper.make_model`` at ``IR_VERSION``."""
+    from onnx import helper
+
+    return helper.make_model(graph, opset_imports=opset_imports, ir_version=IR_VERSION)
+
+
 class BackendError(FilaError):
     """A backend cannot be created with the requested options."""
 
@@ -197,10 +222,38 @@ def session(
         source = model
     else:
         source = model.SerializeToString()
+    names = choose_providers(providers)
+    where = model if isinstance(model, str | Path) else "the graph"
+    if names[0] == "CPUExecutionProvider":
+        return _open(ort, source, opts, names, where)
+    return _open_on_device(ort, source, opts, names, where)
+
+
+def _open(ort, source, opts, providers: list[str], where):
     try:
-        return ort.InferenceSession(source, opts, providers=choose_providers(providers))
+        return ort.InferenceSession(source, opts, providers=providers)
     except FilaError:
         raise
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        where = model if isinstance(model, str | Path) else "the graph"
         raise BackendError(f"onnxruntime cannot load {where}: {exc}") from exc
+
+
+def _open_on_device(ort, source, opts, providers: list[str], where):
+    """A session whose first provider is a device's: the nodes it left on the CPU provider are
+    read back (``runtime.backends.onnxruntime.placement``) and compute ones warned about."""
+    from runtime.backends.onnxruntime import placement
+
+    if placement.has_assignment_api(ort):
+        opts.add_session_config_entry(placement.RECORD_OPTION, "1")
+        session = _open(ort, source, opts, providers, where)
+        nodes = placement.assigned_to_cpu(session)
+    else:  # ONNX Runtime < 1.24: the verbose log of the session's creation
+        opts.log_severity_level = 0
+        with placement.captured_stderr() as log:
+            session = _open(ort, source, opts, providers, where)
+        graph = source if isinstance(source, str) else None
+        nodes = placement.cpu_nodes_from_log(
+            log[0], lambda: placement.graph_nodes(graph) if graph else []
+        )
+    placement.warn_fallback(where, providers, nodes)
+    return session

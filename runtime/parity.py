@@ -143,6 +143,12 @@ class StageChecker:
         self.runners.clear()
         gc.collect()
 
+    def __enter__(self) -> StageChecker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def write_json(report: ValidationReport, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report.to_dict(), indent=2))

@@ -96,13 +96,27 @@ def load_runners(
     variant that missed its accuracy gate). The pipeline loads its stages with it; a benchmark
     loads just the stages it times (without a second copy of the decoder)."""
     spec = precision_spec(manifest, precision)
-    runners = {}
-    for name in names:
-        variant = stage_variant(manifest, spec, name, backend)
-        if manifest.variant(name, variant).get("validated") is False:
-            warnings.warn(f"stage {name} ({variant}) did not meet its accuracy gate", stacklevel=3)
-        runners[name] = load_runner(backend, manifest, name, variant, **options)
+    runners: dict = {}
+    try:
+        for name in names:
+            variant = stage_variant(manifest, spec, name, backend)
+            if manifest.variant(name, variant).get("validated") is False:
+                warnings.warn(
+                    f"stage {name} ({variant}) did not meet its accuracy gate", stacklevel=3
+                )
+            runners[name] = load_runner(backend, manifest, name, variant, **options)
+    except BaseException:
+        close_runners(runners)  # the stages loaded before the one that failed
+        raise
     return runners
+
+
+def close_runners(runners: dict) -> None:
+    """Close every runner (device buffers, caches, engines, streams, sessions)."""
+    for runner in runners.values():
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
 
 
 def load_vision_chain(
@@ -172,7 +186,11 @@ class FilaPipeline:
         stages = {"fused": ["vision"], "modular": chain, "none": []}[vision]
         names = ["embed", decoder_stage, *stages]
         runners = load_runners(manifest, names, backend, precision, **options)
-        return cls(manifest, runners, prompt_builder(manifest), backend, decoder_stage)
+        try:
+            return cls(manifest, runners, prompt_builder(manifest), backend, decoder_stage)
+        except BaseException:
+            close_runners(runners)
+            raise
 
     # --- a request: images and prompt -> the decoder's input --------------------------------
     @property
@@ -349,8 +367,11 @@ class FilaPipeline:
 
     def close(self) -> None:
         """Release every runner (sessions, engines, device buffers and caches)."""
-        for runner in self.runners.values():
-            close = getattr(runner, "close", None)
-            if close is not None:
-                close()
-        self.runners = {}
+        runners, self.runners = self.runners, {}
+        close_runners(runners)
+
+    def __enter__(self) -> FilaPipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

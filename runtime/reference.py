@@ -53,7 +53,7 @@ def check_reference(
     info = json.loads(manifest.file_path("reference.info").read_text())
     checker = StageChecker(manifest, backend, precision, **options)
     report = ValidationReport(backend, checker.spec.text, images=info["images"])
-    with np.load(manifest.file_path("reference.arrays"), allow_pickle=False) as arrays:
+    with checker, np.load(manifest.file_path("reference.arrays"), allow_pickle=False) as arrays:
         recorded = recorded_stages(arrays)
         last = {stage: image for image, stage in recorded}
         for (image, stage), keys in recorded.items():
@@ -61,16 +61,14 @@ def check_reference(
             want = {n: arrays[k] for n, k in keys["out"].items()}
             checker.check(stage, feeds, want, last=image == last[stage])
     report.stages = checker.stage_results()
-    checker.close()
     images = [manifest.file_path(image_label(i)) for i in range(len(info["images"]))]
-    pipe = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision, **options)
-    try:
+    with FilaPipeline.from_artifacts(
+        artifacts, backend=backend, precision=precision, **options
+    ) as pipe:
         got = [
             pipe.generate(p, info["prompt"], max_new_tokens=info["max_new_tokens"]).token_ids
             for p in images
         ]
-    finally:
-        pipe.close()
     agreement = token_agreement(info["tokens"], got)
     report.tokens_compared, report.tokens_equal = agreement.compared, agreement.equal
     report.first_divergence = agreement.first_divergence

@@ -9,7 +9,7 @@
 #                                           build, validate --reference, bench with power; no torch
 # The mode defaults to `board` where /etc/nv_tegra_release exists, else `workstation`.
 #
-# Without the project's venv, pass wheels in .whl/ (tensorrt, polygraphy, cuda-python and the
+# Without the project's venv, pass wheels in .whl/ (tensorrt, cuda-python and the
 # runtime's deps for that Python); they are installed into a target folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."

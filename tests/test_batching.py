@@ -16,6 +16,8 @@ from runtime.pipeline import FilaPipeline
 from runtime.serve.app import create_app
 from runtime.serve.engine import Settings
 
+pytestmark = pytest.mark.board
+
 ROWS = 4
 
 

@@ -180,3 +180,15 @@ def test_memory_scripts_print_each_graph_run_and_the_vision_forms(tiny_artifacts
     assert len(table) == 2 and all(
         float(line.split(" | ")[3].rstrip(" |")) < 5e-3 for line in table
     )
+
+
+def test_startup_script_times_both_starts(tiny_artifacts, tmp_path, capsys):
+    from conftest import copy_export
+
+    from benchmarks import startup
+
+    art = copy_export(tiny_artifacts, tmp_path / "art")
+    assert startup.main(["--artifacts", str(art), "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| hash every file |" in out and "| verification record |" in out
+    assert "before the request:" in out

@@ -248,10 +248,9 @@ def test_only_conv_matmul_gemm_read_dequantized_activations(calibrated):
 def test_every_vision_stage_meets_the_gate_and_is_in_the_manifest(calibrated):
     folder, report = calibrated
     manifest = Manifest.load(folder)  # hashes verified
-    assert [(r.stage, r.precision) for r in report.stages] == [
-        *((stage, "int8") for stage in VISION),
-        *((stage, "int8-cpu") for stage in CONV_STAGES),
-    ]
+    rows = [(r.stage, r.precision) for r in report.stages]
+    assert sorted(rows) == sorted((s, v) for s in VISION for v in ("int8", "int8-cpu"))
+    assert rows[-len(CONV_STAGES) :] == [(s, "int8-cpu") for s in CONV_STAGES]  # cpu layout
     for stage in VISION:
         entry = manifest.variant(stage, "int8")
         assert entry["file"] == f"{stage}.int8.onnx"
@@ -277,6 +276,46 @@ def optimized_ops(path, tmp_path) -> set[str]:
     return {n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node}
 
 
+def test_tensorrt_int8_is_an_fp16_graph_and_onnxruntime_keeps_an_fp32_one(calibrated):
+    """TensorRT builds ``int8`` strongly typed: what it leaves unquantized runs in the graph's
+    types, so that graph computes in fp16 (norms and softmax in fp32, fp32 at its inputs and
+    outputs, as the fp16 export's). ONNX Runtime's CPU provider gets ``int8-cpu``: the same
+    Q/DQ in fp32 for stages without convolutions (int8 MatMuls), its own layout for the rest."""
+    folder, _ = calibrated
+    manifest = Manifest.load(folder)
+    f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
+    for stage in VISION:
+        model = onnx.load(str(manifest.stage_path(stage, "int8")), load_external_data=False)
+        graph = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
+        assert {v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]} <= {
+            f32,
+            TensorProto.INT64,
+        }, stage
+        inits = {i.name: i for i in graph.initializer}
+        scales = [inits[n.input[1]] for n in graph.node if n.op_type == "DequantizeLinear"]
+        assert scales and {t.data_type for t in scales} == {f16}, stage
+        types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
+        quantized = [n for n in graph.node if n.op_type in QUANT_OPS]
+        assert all(types.get(n.output[0]) == f16 for n in quantized), stage
+        for node in (n for n in graph.node if n.op_type in onnx_io.NORM_OPS):
+            assert types.get(node.output[0], f32) == f32, (stage, node.name)
+        assert model.ir_version <= onnx_io.IR_VERSION  # JetPack 6's onnxruntime reads it
+        cpu = manifest.variant(stage, "int8-cpu")
+        assert cpu["backends"] == ["onnxruntime"] and cpu["validated"] is True, stage
+        cpu_graph = onnx.load(str(manifest.stage_path(stage, "int8-cpu")), load_external_data=False)
+        assert {i.data_type for i in cpu_graph.graph.initializer} <= {
+            f32,
+            TensorProto.INT8,
+            TensorProto.UINT8,
+            TensorProto.INT32,
+            TensorProto.INT64,
+        }, stage
+    spec = precision_spec(manifest, "int8")
+    for stage in VISION:
+        assert stage_variant(manifest, spec, stage, "tensorrt") == "int8"
+        assert stage_variant(manifest, spec, stage, "onnxruntime") == "int8-cpu"
+
+
 def test_convolution_stages_get_onnxruntime_cpu_layout(calibrated, docs, tmp_path):
     """onnxruntime convolves the TensorRT layout in fp32 (dequantized weights); the int8-cpu
     layout (uint8 activations, Q/DQ on outputs, int32 bias) becomes QLinearConv, and the runtime
@@ -300,7 +339,7 @@ def test_convolution_stages_get_onnxruntime_cpu_layout(calibrated, docs, tmp_pat
     spec = precision_spec(manifest, "int8")
     assert stage_variant(manifest, spec, "convnext", "onnxruntime") == "int8-cpu"
     assert stage_variant(manifest, spec, "convnext", "tensorrt") == "int8"
-    assert stage_variant(manifest, spec, "vit.1", "onnxruntime") == "int8"  # no convolution
+    assert stage_variant(manifest, spec, "vit.1", "onnxruntime") == "int8-cpu"  # its fp32 Q/DQ
     assert "int8-cpu" not in manifest.variants_for("vision", "tensorrt")
     manifest.stage("convnext")["variants"]["int8-cpu"]["validated"] = False  # in memory only
     assert stage_variant(manifest, spec, "convnext", "onnxruntime") == "int8"  # the one that passed
@@ -349,7 +388,7 @@ def test_w4_decoder_is_smaller_and_runs_through_the_pipeline(calibrated):
             folder, precision="vision=int8,decoder=w4", vision="modular"
         ).runners.items()
     }
-    assert names["decoder_gqa"] == "decoder_gqa.w4.onnx" and names["vit.2"] == "vit.2.int8.onnx"
+    assert names["decoder_gqa"] == "decoder_gqa.w4.onnx" and names["vit.2"] == "vit.2.int8-cpu.onnx"
     assert names["embed"] == "embed.onnx"
     rows = {r.config: r for r in report.end_to_end}
     trt_row = "decoder=w4 (TensorRT Q/DQ graph, run on ONNX Runtime)"

@@ -9,7 +9,10 @@ import pytest
 from fila_export.cli import main
 from runtime.doctor import Facts, diagnose
 
+pytestmark = pytest.mark.board
+
 MACHINES = Path(__file__).parent / "fixtures" / "machines"
+ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("10.3", "10.x")
 
 
@@ -56,7 +59,12 @@ PROBLEMS = {
     "cuda-python for CUDA 13 on CUDA 12.6": (
         dict(packages=BOARD | {"cuda-python": "13.0.1"}),
         "cuda-python",
-        "cuda-python>=12,<13",
+        "cuda-python>=12.6,<12.7",
+    ),
+    "cuda-python 12.9 on CUDA 12.6 (what >=12.6,<13 resolved to)": (
+        dict(packages=BOARD | {"cuda-python": "12.9.4"}),
+        "cuda-python",
+        "cuda-python>=12.6,<12.7",
     ),
     "TensorRT invisible in a venv": (dict(tensorrt=None), "tensorrt", "--system-site-packages"),
 }
@@ -68,6 +76,16 @@ def test_each_board_problem_is_an_error_with_its_fix(problem):
     found = errors(diagnose(facts("orin-nano-jp6", **changes), TABLES))
     assert [f.topic for f in found] == [topic]
     assert fix in found[0].fix
+
+
+def test_the_constraints_file_doctor_names_exists_and_pins_the_board_stack():
+    numpy = errors(diagnose(facts("orin-nano-jp6", packages=BOARD | {"numpy": "2.1.0"}), TABLES))
+    assert "constraints/jetpack6.txt" in numpy[0].fix
+    lines = (ROOT / "constraints" / "jetpack6.txt").read_text().splitlines()
+    pins = [line for line in lines if line and not line.startswith("#")]
+    assert pins == ["numpy<2", "cuda-python>=12.6,<12.7"]
+    cuda = facts("orin-nano-jp6", packages=BOARD | {"cuda-python": "12.6.2.post1"})
+    assert errors(diagnose(cuda, TABLES)) == []
 
 
 def test_warnings_name_their_fix():

@@ -20,6 +20,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from runtime.errors import FilaError, ImageError
 from runtime.image_io import DEFAULT_MAX_PIXELS, image_from_array, load_image
 
+pytestmark = pytest.mark.board
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -7,6 +7,8 @@ import pytest
 from benchmarks.machine import power_summary
 from runtime.jetson import PowerError, l4t_release, parse_tegrastats
 
+pytestmark = pytest.mark.board
+
 LINES = Path(__file__).parent / "fixtures" / "tegrastats"
 
 

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from conftest import random_image, run_fila
+from conftest import copy_export, random_image, run_fila
 
-import runtime.manifest as manifest_module
+import runtime.verified as verified_module
 from runtime.errors import ManifestError
 from runtime.manifest import Manifest
 from runtime.pipeline import FilaPipeline
 
+pytestmark = pytest.mark.board
+
 
 @pytest.fixture
 def art(tiny_artifacts, tmp_path):
-    folder = tmp_path / "art"
-    shutil.copytree(tiny_artifacts, folder)
-    return folder
+    return copy_export(tiny_artifacts, tmp_path / "art")
 
 
 def test_a_load_hashes_only_the_files_it_opens_and_each_once(art, monkeypatch):
     hashed = []
-    real = manifest_module.sha256_file
-    monkeypatch.setattr(manifest_module, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    real = verified_module.sha256_file
+    monkeypatch.setattr(verified_module, "sha256_file", lambda p: hashed.append(p.name) or real(p))
     Manifest.load(art)
     assert hashed == []  # reading the manifest hashes nothing
     pipe = FilaPipeline.from_artifacts(art)  # fp32: vision, embed, decoder_gqa

@@ -9,6 +9,8 @@ import pytest
 from runtime.pipeline import FilaPipeline
 from runtime.reuse import FeatureCache, PrefixCache, content_key, position_keys
 
+pytestmark = pytest.mark.board
+
 
 def test_content_key_follows_the_bytes_not_the_object(tmp_path):
     path = tmp_path / "a.bin"

@@ -23,6 +23,7 @@ from runtime.serve.engine import Settings
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
+pytestmark = pytest.mark.board
 
 MODEL = "fila-demo"
 
@@ -149,6 +150,20 @@ def test_every_malformed_request_is_a_4xx_naming_it_and_the_server_keeps_serving
             model=MODEL, messages=ask(data_url(image), "What is the number?"), max_tokens=4
         )
         assert good.choices[0].message.content is not None
+
+
+def test_an_answer_slower_than_the_disconnect_poll_is_still_answered(server, monkeypatch):
+    """The handler polls for a client that left while it waits for the first event. Before
+    Python 3.11 (JetPack 6 has 3.10) ``asyncio.wait_for`` raises ``asyncio.TimeoutError``, not
+    the built-in ``TimeoutError``: every request slower than the poll ended in a 500."""
+    import runtime.serve.app as app
+
+    monkeypatch.setattr(app, "DISCONNECT_POLL_S", 0.001)  # every first event comes later
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    for stream in (False, True):
+        r = httpx.post(server.url + "/v1/chat/completions", json=body | {"stream": stream})
+        assert r.status_code == 200, r.text
+    assert "[DONE]" in r.text
 
 
 def test_models_health_and_metrics(server, client):

@@ -9,10 +9,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_fila
+from conftest import ROOT, copy_export, run_fila, serving
 
 BLOCKER = """
 import sys
+
+pytestmark = pytest.mark.board
 
 BLOCKED = ("torch", "torchvision", "transformers", "timm")
 
@@ -43,6 +45,18 @@ def fila_without_torch(tmp_path):
     probe = run("--help")
     assert probe.returncode == 0, probe.stderr
     return run
+
+
+@pytest.mark.skipif(not os.environ.get("FILA_BOARD_LEG"), reason="the board-like leg's check")
+def test_the_board_leg_runs_as_a_jetpack_6_board():
+    """make test-board: JetPack 6's Python, numpy 1.x, no torch (nothing here may need it)."""
+    import importlib.util
+
+    import numpy
+
+    assert sys.version_info[:2] == (3, 10)
+    assert numpy.__version__.startswith("1.")
+    assert importlib.util.find_spec("torch") is None
 
 
 def test_the_blocker_blocks(fila_without_torch, tmp_path):
@@ -121,24 +135,19 @@ def test_check_trt_and_verify_without_torch(fila_without_torch, tiny_artifacts):
 
 
 def test_validate_against_a_recorded_reference_without_torch(
-    fila_without_torch, tiny_artifacts, tiny_checkpoint, tmp_path
+    fila_without_torch, tiny_recorded, tmp_path
 ):
-    import shutil
-
     import onnx
 
-    from fila_export.cli import main
     from runtime.manifest import Manifest, sha256_file
 
-    art = tmp_path / "art"
-    shutil.copytree(tiny_artifacts, art)
-    args = ["--artifacts", str(art), "--max-images", "1", "--tokens", "4"]
-    assert main(["validate", "--record", "--checkpoint", str(tiny_checkpoint), *args]) == 0
+    art = copy_export(tiny_recorded, tmp_path / "art")
     files = Manifest.load(art).data["files"]
     assert {"reference.arrays", "reference.info", "reference.image.0"} <= set(files)
 
     report_path = tmp_path / "report.json"
-    r = fila_without_torch("validate", "--reference", *args[:2], "--json", str(report_path))
+    args = ["--artifacts", str(art)]
+    r = fila_without_torch("validate", "--reference", *args, "--json", str(report_path))
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(report_path.read_text())
     checked = {s["stage"] for s in report["stages"]}
@@ -155,10 +164,17 @@ def test_validate_against_a_recorded_reference_without_torch(
     manifest = Manifest.load(art)
     manifest.stage("projector")["variants"]["fp32"]["sha256"] = sha256_file(path)
     manifest.save()
-    r = fila_without_torch("validate", "--reference", *args[:2])
+    r = fila_without_torch("validate", "--reference", *args)
     assert r.returncode == 1, r.stdout + r.stderr
     failed = [line for line in r.stdout.splitlines() if line.endswith("| FAIL |")]
     assert [line.split("|")[1].strip() for line in failed] == ["projector"], r.stdout + r.stderr
+
+
+def test_fila_plan_without_torch(fila_without_torch, tiny_artifacts):
+    args = ["--artifacts", str(tiny_artifacts), "--board", "orin-nano-8gb", "--context", "256"]
+    r = fila_without_torch("plan", *args)
+    assert r.returncode == 0, r.stderr
+    assert "FITS" in r.stdout
 
 
 def test_validate_reference_without_a_recording_says_how_to_make_one(
@@ -172,8 +188,6 @@ def test_validate_reference_without_a_recording_says_how_to_make_one(
 def test_fila_serve_without_torch(tmp_path, tiny_artifacts):
     """The server process answers a chat completion with torch unimportable, then stops."""
     import base64
-    import socket
-    import time
 
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
@@ -181,23 +195,7 @@ def test_fila_serve_without_torch(tmp_path, tiny_artifacts):
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCKER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "fila_export.cli", "serve", "--artifacts", str(tiny_artifacts)]
-    cmd += ["--port", str(port), "--model-name", "tiny"]
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "fila serve did not start"
-                time.sleep(0.5)
+    with serving(["--artifacts", str(tiny_artifacts), "--model-name", "tiny"], env) as url:
         image = "data:image/jpeg;base64," + base64.b64encode(open(PHOTO, "rb").read()).decode()
         content = [{"type": "image_url", "image_url": {"url": image}}]
         content.append({"type": "text", "text": "What is it?"})
@@ -209,6 +207,3 @@ def test_fila_serve_without_torch(tmp_path, tiny_artifacts):
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] >= 1
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -17,6 +17,8 @@ from runtime.errors import EngineMismatchError, FilaError
 from runtime.generate import Decoder, DecoderShape, SamplingParams, generate
 from runtime.profiles import Profile
 
+pytestmark = pytest.mark.board
+
 
 class FakeMemory:
     """Device memory as one host arena; pointers are offsets into it."""
@@ -47,6 +49,9 @@ class FakeMemory:
 
     def download(self, array, ptr):
         array[...] = self.view(ptr, array.dtype, array.shape)
+
+    def copy(self, dst, src, nbytes):
+        self.arena[dst : dst + nbytes] = self.arena[src : src + nbytes]
 
     def synchronize(self):
         pass
@@ -203,7 +208,10 @@ def test_decoder_kv_cache_bound_in_place():
     assert logits[0, 0] == 2 * (0 + 1 + 2 + 3 + 4)
     ctx = runner.context
     assert ctx.addresses["past.0.key"] == runner.cache_address(0, 0, 0)
-    assert ctx.addresses["present.0.key"] == runner.cache_address(0, 0, 5)
+    # position 5 of 8-byte rows is not 256-byte aligned: present goes to an aligned scratch slot,
+    # copied into the cache on the device after the step (the sums above read it back)
+    assert runner.cache_address(0, 0, 5) % 256 and ctx.addresses["present.0.key"] % 256 == 0
+    assert ctx.addresses["present.0.key"] == runner.scratch_ptr
     profiles_used = [c[1] for c in ctx.calls[setup_calls:] if c[0] == "profile"]
     assert profiles_used == [0, 1]  # prefill profile, then decode profile; no switch per token
 
@@ -214,7 +222,9 @@ def test_device_kv_cache_is_allocated_once_per_runner_and_freed_on_close():
     mem = FakeMemory()
     runner = kv_runner(mem)
     io_buffers = len(mem.allocs)
-    cache_bytes = 1 * 2 * 16 * (1 * 1 * 2) * 4  # layers x K/V x positions x row x fp32
+    # layers x K/V x (positions x row x fp32 = 128 B, each block rounded up to 256-B alignment)
+    cache_bytes = 1 * 2 * 256
+    scratch_bytes = 1 * 2 * 256  # one aligned present slot per layer and K/V
 
     def one_generate(max_len):
         out = generate(
@@ -230,9 +240,9 @@ def test_device_kv_cache_is_allocated_once_per_runner_and_freed_on_close():
     for _ in range(3):
         one_generate(16)
     one_generate(8)  # a shorter context reuses the cache too
-    assert mem.allocs[io_buffers:] == [cache_bytes] and mem.frees == []
+    assert mem.allocs[io_buffers:] == [cache_bytes, scratch_bytes] and mem.frees == []
     runner.close()
-    assert mem.frees[0] == cache_bytes and mem.live == {}  # cache and I/O buffers all freed
+    assert mem.frees[:2] == [cache_bytes, scratch_bytes] and mem.live == {}  # all freed
 
 
 def test_a_longer_context_grows_the_cache_once():
@@ -241,8 +251,8 @@ def test_a_longer_context_grows_the_cache_once():
     io_buffers = len(mem.allocs)
     runner.ensure_cache(1, 8, (1, 1, 2))
     runner.ensure_cache(1, 8, (1, 1, 2))
-    runner.ensure_cache(1, 16, (1, 1, 2))
-    assert mem.allocs[io_buffers:] == [2 * 8 * 8, 2 * 16 * 8] and mem.frees == [2 * 8 * 8]
+    runner.ensure_cache(1, 40, (1, 1, 2))  # 40 x 8 B = 320 B a block: 512 B aligned
+    assert mem.allocs[io_buffers:] == [2 * 256, 2 * 512] and mem.frees == [2 * 256]
 
 
 AGX_ORIN = {"name": "Orin", "compute_capability": "8.7", "sm_count": 16, "memory_gb": 30}
@@ -300,7 +310,8 @@ def test_fp16_engine_gets_an_fp16_kv_cache():
     runner = kv_runner(mem, cache="float16")
     io_buffers = len(mem.allocs)
     runner.ensure_cache(1, 16, (1, 1, 2))
-    assert mem.allocs[io_buffers:] == [2 * 16 * 2 * 2]  # K/V x positions x row x 2 bytes
+    assert runner.row_bytes == 2 * 2  # a row of two fp16 values
+    assert mem.allocs[io_buffers:] == [2 * 256]  # K/V blocks of 64 B, each 256-B aligned
     assert runner.dtypes["past.0.key"] == np.float16
 
 

@@ -12,6 +12,8 @@ from runtime.errors import FilaError, ManifestError
 from runtime.manifest import Manifest
 from runtime.variants import PrecisionError, PrecisionSpec, choose_decoder, choose_variant
 
+pytestmark = pytest.mark.board
+
 VISION = ["fp32", "fp16", "int8"]
 DECODER = ["fp32", "fp16", "w8", "w4"]
 

@@ -33,7 +33,6 @@ EXTRAS = {
     "onnx": "export",
     "onnxruntime": "cpu",  # a Jetson: onnxruntime-gpu from NVIDIA's index (README, On a Jetson)
     "tokenizers": "runtime",
-    "polygraphy": "trt",
     "cuda": "trt",
     "tensorrt": "trt",
     "matplotlib": "dev",

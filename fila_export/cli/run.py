@@ -35,17 +35,17 @@ def add_parsers(sub) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = sampling(args)  # out-of-range values are refused before anything loads
-    pipe = load_pipeline(args)
     stream = None if args.quiet else (lambda piece: print(piece, end="", flush=True))
-    result = pipe.generate(
-        args.image,
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        sampling=params,
-        raw_prompt=args.raw_prompt,
-        stop=args.stop or (),
-        on_text=stream,
-    )
+    with load_pipeline(args) as pipe:
+        result = pipe.generate(
+            args.image,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            sampling=params,
+            raw_prompt=args.raw_prompt,
+            stop=args.stop or (),
+            on_text=stream,
+        )
     if stream:
         print()
     elif not args.json:
@@ -57,11 +57,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Multi-turn session on one image: each turn sees the earlier questions and answers."""
+    params = sampling(args)
+    with load_pipeline(args) as pipe:
+        chat_turns(args, pipe, params)
+    return 0
+
+
+def chat_turns(args: argparse.Namespace, pipe, params) -> None:
+    """Questions from stdin until an empty line or EOF; a failed turn is reported, not fatal."""
     from runtime.errors import FilaError
     from runtime.reuse import Reuse
 
-    params = sampling(args)
-    pipe = load_pipeline(args)
     reuse = Reuse()  # the image is encoded once; each turn prefills only what is new
     history: list[tuple[str, str]] = []
     print("fila chat: type a question, an empty line or Ctrl-D to quit", file=sys.stderr)
@@ -87,5 +93,3 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         print()
         history.append((question, result.text))
-    pipe.close()
-    return 0

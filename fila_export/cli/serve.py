@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "can use the model",
             file=sys.stderr,
         )
-    app = create_app(pipeline, name, settings, reuse)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    pipeline.close()
+    with pipeline:
+        app = create_app(pipeline, name, settings, reuse)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

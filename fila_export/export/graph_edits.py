@@ -3,16 +3,9 @@ normalisation and softmax kept in fp32, as strongly typed TensorRT builds need t
 
 from __future__ import annotations
 
-# Kept in fp32 inside fp16 graphs: an fp16 LayerNorm or Softmax loses the precision its sums need
-# (``fila check-trt``'s fp32-norm rule looks for the same ops). transformers' RMSNorm computes in
-# fp32 by itself; the residual Adds stay in the graph's dtype (as an fp16 TensorRT build runs).
-NORM_OPS = (
-    "LayerNormalization",
-    "SimplifiedLayerNormalization",
-    "RMSNormalization",
-    "Softmax",
-    "ReduceMean",
-)
+from runtime.onnx_io import NORM_OPS  # kept in fp32 inside fp16 graphs (one home: onnx_io)
+
+__all__ = ["NORM_OPS", "norms_in_fp32", "rename_axes"]
 
 
 def rename_axes(model, names: dict[str, list]) -> None:

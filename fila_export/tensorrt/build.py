@@ -1,9 +1,14 @@
 """TensorRT engine builds from the manifest, and the equivalent trtexec script.
 
-Precision comes from the ONNX graph (strongly typed fp16, explicit Q/DQ int8): the network is parsed
-strongly typed and no precision builder flags are set, which is what TensorRT 11 requires (it
-removed them) and what TensorRT 10.x (JetPack 6 ships 10.3) accepts. Polygraphy's loaders do the
-parsing, config and serialisation.
+Builds call TensorRT's own builder API (Builder, OnnxParser, IBuilderConfig, optimization
+profiles): the graph is parsed from its file (external data beside it), one profile per entry of
+``runtime.profiles``, and only the serialized plan is held. Precision comes from the ONNX graph
+(strongly typed fp16, explicit Q/DQ int8 in an fp16 graph): TensorRT 10 parses it strongly typed
+with no precision flags, which is what TensorRT 11 requires (it removed them) and what TensorRT
+10.3 (JetPack 6.1/6.2) accepts. TensorRT 8.6 (JetPack 6.0) and 9.x have no strong typing: there the
+builder gets FP16 for a graph with fp16 tensors and INT8 for one with Q/DQ nodes (an explicitly
+quantized network is refused without it). TF32, on by default in TensorRT, is cleared unless
+asked for.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.backends.tensorrt.device import gpu_info, jetson_release
 from runtime.backends.tensorrt.loader import BUILD_INFO, ENGINE_DIR, import_tensorrt
@@ -23,21 +29,12 @@ from runtime.manifest import Manifest, sha256_file
 from runtime.profiles import Profile, stage_profiles
 from runtime.variants import choose_decoder, precision_spec, stage_variant
 
+if TYPE_CHECKING:
+    import tensorrt as trt
+
 
 def trt_major(version: str) -> int:
     return int(version.split(".")[0])
-
-
-def polygraphy_profiles(profiles: Sequence[Profile]):
-    from polygraphy.backend.trt import Profile as PgProfile
-
-    out = []
-    for p in profiles:
-        pg = PgProfile()
-        for name, (lo, opt, hi) in p.shapes.items():
-            pg.add(name, min=lo, opt=opt, max=hi)
-        out.append(pg)
-    return out
 
 
 @dataclass(frozen=True)
@@ -50,39 +47,102 @@ class BuildOptions:
     )
 
 
+class BuildError(FilaError):
+    """TensorRT could not parse or build a graph."""
+
+
+def graph_precisions(onnx_path: Path) -> tuple[bool, bool]:
+    """(has fp16 tensors, has Q/DQ nodes): the builder flags a weakly typed network needs."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    fp16 = onnx.TensorProto.FLOAT16
+    typed = [*graph.input, *graph.output, *graph.value_info]
+    has_fp16 = any(i.data_type == fp16 for i in graph.initializer) or any(
+        v.type.tensor_type.elem_type == fp16 for v in typed
+    )
+    has_fp16 = has_fp16 or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in n.attribute)
+        for n in graph.node
+    )
+    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+    return has_fp16, qdq
+
+
+def parse_network(trt_mod, builder: trt.Builder, logger: trt.ILogger, onnx_path: Path):
+    """The graph parsed into a network (strongly typed on TensorRT 10+), errors named."""
+    strongly_typed = trt_major(trt_mod.__version__) >= 10
+    flag = "STRONGLY_TYPED" if strongly_typed else "EXPLICIT_BATCH"
+    network = builder.create_network(1 << int(getattr(trt_mod.NetworkDefinitionCreationFlag, flag)))
+    parser = trt_mod.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(
+            f"TensorRT's ONNX parser refused {onnx_path.name}: {errors or 'see its log'}; "
+            f"fila check-trt --artifacts {onnx_path.parent} names unsupported operators"
+        )
+    return network, parser, strongly_typed
+
+
+def builder_config(
+    trt_mod, builder: trt.Builder, profiles: Sequence[Profile], opts: BuildOptions
+) -> trt.IBuilderConfig:
+    """Profiles, workspace limit, TF32 and the timing cache (read if the file exists)."""
+    config = builder.create_builder_config()
+    for profile in profiles:
+        trt_profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.shapes.items():
+            dims = [trt_mod.Dims(list(shape)) for shape in (lo, opt, hi)]
+            trt_profile.set_shape(name, *dims)
+        if config.add_optimization_profile(trt_profile) < 0:
+            raise BuildError(f"TensorRT refused optimization profile {profile.name}")
+    if not opts.tf32:
+        config.clear_flag(trt_mod.BuilderFlag.TF32)
+    if opts.workspace_mb:
+        config.set_memory_pool_limit(trt_mod.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
+    if opts.timing_cache:
+        path = Path(opts.timing_cache)
+        cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return config
+
+
 def build_stage(
     manifest: Manifest, stage: str, precision: str, out_dir: Path, opts: BuildOptions
 ) -> dict:
     """Build and serialize one stage's engine (only its serialized bytes are held, not a built
     engine object besides); returns its build_info entry."""
-    trt = import_tensorrt()
-    from polygraphy.backend.common import SaveBytes
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
-
+    trt_mod = import_tensorrt()
     onnx_path = manifest.stage_path(stage, precision)
     profiles = stage_profiles(manifest, stage, opts.max_batch)
-    strongly_typed = trt_major(trt.__version__) >= 10
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
-    config_kwargs = {"profiles": polygraphy_profiles(profiles), "tf32": opts.tf32}
-    if opts.workspace_mb:
-        config_kwargs["memory_pool_limits"] = {
-            trt.MemoryPoolType.WORKSPACE: opts.workspace_mb << 20
-        }
-    if opts.timing_cache:
-        config_kwargs["load_timing_cache"] = str(opts.timing_cache)
-    if not strongly_typed and precision == "fp16":  # TensorRT 8.x/9.x (JetPack 5): flags
-        config_kwargs["fp16"] = True
-    plan = out_dir / f"{stage}.{precision}.plan"
+    logger = trt_mod.Logger(trt_mod.Logger.WARNING)
+    builder = trt_mod.Builder(logger)
+    network, _parser, strongly_typed = parse_network(trt_mod, builder, logger, onnx_path)
+    config = builder_config(trt_mod, builder, profiles, opts)
+    flags = []
+    if not strongly_typed:  # TensorRT 8.x/9.x (JetPack 6.0: 8.6): precision by flags
+        has_fp16, qdq = graph_precisions(onnx_path)
+        # FP16 with INT8 too: the layers left unquantized then run in fp16, not fp32
+        flags = [f for f, on in (("FP16", has_fp16 or qdq), ("INT8", qdq)) if on]
+        for flag in flags:
+            config.set_flag(getattr(trt_mod.BuilderFlag, flag))
     t0 = time.perf_counter()
-    cache = str(opts.timing_cache) if opts.timing_cache else None
-    serialized = EngineBytesFromNetwork(
-        network, config=CreateConfig(**config_kwargs), save_timing_cache=cache
-    )
-    SaveBytes(serialized, str(plan))()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildError(
+            f"TensorRT could not build stage {stage} ({precision}) from {onnx_path.name}; its "
+            "log above says why (a smaller --workspace-mb, or fila check-trt, may help)"
+        )
+    plan = out_dir / f"{stage}.{precision}.plan"
+    plan.write_bytes(memoryview(serialized))
+    del serialized
+    if opts.timing_cache:
+        Path(opts.timing_cache).write_bytes(memoryview(config.get_timing_cache().serialize()))
     seconds = round(time.perf_counter() - t0, 2)
     return engine_entry(manifest, stage, precision, plan, profiles) | {
         "build_seconds": seconds,
         "strongly_typed": strongly_typed,
+        "builder_flags": flags,
         "tf32": opts.tf32,
     }
 
@@ -103,15 +163,38 @@ def engine_entry(
     }
 
 
-def machine_record(trt, built: str) -> dict:
-    """Where the plans were built: TensorRT, GPU, L4T release (the runner checks these)."""
+def machine_record(trt_mod, built: str) -> dict:
+    """Where a plan was built: TensorRT, GPU, L4T release (the runner checks the first two)."""
     return {
-        "tensorrt": trt.__version__,
+        "tensorrt": trt_mod.__version__,
         "gpu": gpu_info(),
         "jetson_l4t": jetson_release(),
         "host": platform.node(),
         "built": built,
     }
+
+
+def read_build_info(out_dir: Path) -> dict:
+    """engines/build_info.json as it is (every precision's entries), or a new one."""
+    path = out_dir / BUILD_INFO
+    if not path.is_file():
+        return {"engines": {}}
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FilaError(f"{path} is not valid JSON ({exc}); delete it and run fila build") from exc
+    info.setdefault("engines", {})
+    return info
+
+
+def add_entry(out_dir: Path, info: dict, key: str, entry: dict, machine: dict) -> None:
+    """Record one plan (with what it was built with) and rewrite build_info.json; the top level
+    says where the latest plan was built, each entry where its own was."""
+    info.update(machine)
+    info["engines"][key] = entry | {
+        k: machine[k] for k in ("tensorrt", "gpu", "jetson_l4t", "built")
+    }
+    (out_dir / BUILD_INFO).write_text(json.dumps(info, indent=2))
 
 
 def build_engines(
@@ -121,23 +204,22 @@ def build_engines(
     opts: BuildOptions | None = None,
     progress: bool = True,
 ) -> Path:
-    """``fila build``: engines/<stage>.<precision>.plan + engines/build_info.json."""
+    """``fila build``: engines/<stage>.<precision>.plan + engines/build_info.json (entries of
+    other precisions are kept)."""
     opts = opts or BuildOptions()
     from tqdm import tqdm
 
-    trt = import_tensorrt()
+    trt_mod = import_tensorrt()
     manifest = Manifest.load(artifacts)
     plan = build_plan(manifest, precision, stages)
     out_dir = manifest.folder / ENGINE_DIR
     out_dir.mkdir(exist_ok=True)
-    info_path = out_dir / BUILD_INFO
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {"engines": {}}
-    info.update(machine_record(trt, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+    info = read_build_info(out_dir)
+    machine = machine_record(trt_mod, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     for name, variant in tqdm(plan, desc="build", unit="engine", disable=not progress):
         entry = build_stage(manifest, name, variant, out_dir, opts)
-        info["engines"][f"{name}.{variant}"] = entry
-        info_path.write_text(json.dumps(info, indent=2))
-    return info_path
+        add_entry(out_dir, info, f"{name}.{variant}", entry, machine)
+    return out_dir / BUILD_INFO
 
 
 def default_build_stages(manifest: Manifest) -> list[str]:
@@ -217,17 +299,20 @@ def record_engines(
     stages: Sequence[str] | None = None,
     opts: BuildOptions | None = None,
 ) -> Path:
-    """Write build_info.json for plans built elsewhere (the trtexec script) on this machine."""
-    trt = import_tensorrt()
+    """Add build_info.json entries for plans built here by other means (the trtexec script),
+    keeping the entries already there."""
+    trt_mod = import_tensorrt()
     manifest = Manifest.load(artifacts)
     out_dir = manifest.folder / ENGINE_DIR
-    info = machine_record(trt, "recorded") | {"engines": {}}
+    info = read_build_info(out_dir)
+    machine = machine_record(
+        trt_mod, "recorded " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    )
     for name, variant in build_plan(manifest, precision, stages):
         plan = out_dir / f"{name}.{variant}.plan"
         if not plan.is_file():
             raise FilaError(f"{plan} not found; run the trtexec script first")
         profiles = stage_profiles(manifest, name, (opts or BuildOptions()).max_batch)
-        info["engines"][f"{name}.{variant}"] = engine_entry(manifest, name, variant, plan, profiles)
-    path = out_dir / BUILD_INFO
-    path.write_text(json.dumps(info, indent=2))
-    return path
+        entry = engine_entry(manifest, name, variant, plan, profiles)
+        add_entry(out_dir, info, f"{name}.{variant}", entry, machine)
+    return out_dir / BUILD_INFO

@@ -428,5 +428,5 @@ class Checker:
                     "fp32-norm",
                     f"{kind} forced to {low[trt_type(elem)]}: {node.op_type} input "
                     f"'{node.input[0]}' is {friendly(elem)}; keep normalisation and softmax "
-                    "in fp32 (NORM_OPS in fila_export/export/graph_edits.py)",
+                    "in fp32 (NORM_OPS in runtime/onnx_io.py)",
                 )

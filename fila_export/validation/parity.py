@@ -110,18 +110,17 @@ def validate(
     manifest, paths, ref, stages = reference_side(artifacts, checkpoint, images, max_images)
     checker = StageChecker(manifest, backend, precision)
     report = ValidationReport(backend, checker.spec.text, images=[str(p) for p in paths])
-    for i, path in enumerate(paths):
-        image = ref.preprocess([path])[0]
-        _, ids = ref.prompts.request_ids(PROMPT, [image.num_tokens])
-        for name, feeds in stage_feeds(stages, image, ids).items():
-            if checker.variant(name) is not None:
-                checker.check(name, feeds, stages(name, feeds), last=i == len(paths) - 1)
+    with checker:
+        for i, path in enumerate(paths):
+            image = ref.preprocess([path])[0]
+            _, ids = ref.prompts.request_ids(PROMPT, [image.num_tokens])
+            for name, feeds in stage_feeds(stages, image, ids).items():
+                if checker.variant(name) is not None:
+                    checker.check(name, feeds, stages(name, feeds), last=i == len(paths) - 1)
     report.stages = checker.stage_results()
-    checker.close()
-    pipe = FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision)
     want = [ref.generate([p], PROMPT, max_new_tokens=tokens).token_ids for p in paths]
-    got = [pipe.generate(p, PROMPT, max_new_tokens=tokens).token_ids for p in paths]
-    pipe.close()
+    with FilaPipeline.from_artifacts(artifacts, backend=backend, precision=precision) as pipe:
+        got = [pipe.generate(p, PROMPT, max_new_tokens=tokens).token_ids for p in paths]
     agreement = token_agreement(want, got)
     report.tokens_compared, report.tokens_equal = agreement.compared, agreement.equal
     report.first_divergence = agreement.first_divergence

@@ -115,7 +115,7 @@ async def next_event(job: Job, http: Request) -> tuple[str, object]:
     while True:
         try:
             return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # two classes before Python 3.11
             if await http.is_disconnected():
                 job.cancelled.set()
                 return "gone", RequestError("the client disconnected", code="client_closed")

@@ -14,6 +14,8 @@ from runtime.onnx_io import BackendError
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+DEVICE_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
 
 class OrtRunner:
     """One graph in an InferenceSession (``session_or_loader``: a session, or a loader to call).
@@ -35,6 +37,12 @@ class OrtRunner:
         self.outputs = [TensorMeta(o.name, o.type, tuple(o.shape)) for o in session.get_outputs()]
         self.last_inference_time = 0.0
         self.session = None if per_run else session
+
+    @property
+    def cache_device(self) -> str:
+        """Where a KV cache bound to this graph should live: on the GPU when the session's first
+        provider is CUDA's (or TensorRT's, which shares its memory), else on the host."""
+        return "cuda" if self.providers and self.providers[0] in DEVICE_PROVIDERS else "cpu"
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name; each feed is given the dtype the graph declares (as TensorRT's runner
@@ -104,7 +112,11 @@ def _shrink_arena():
     return options
 
 
-def _bind(bind, name: str, array: np.ndarray) -> None:
-    if not array.flags.c_contiguous:
-        raise BackendError(f"{name}: IO binding needs a contiguous array")
-    bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+def _bind(bind, name: str, array) -> None:
+    """Bind a host array, or a device buffer (``runtime.kv_cache.DeviceArray``) where it is."""
+    if isinstance(array, np.ndarray):
+        if not array.flags.c_contiguous:
+            raise BackendError(f"{name}: IO binding needs a contiguous array")
+        bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+    else:
+        bind(name, array.device, 0, array.dtype, list(array.shape), array.ptr)

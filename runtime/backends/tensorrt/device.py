@@ -7,8 +7,8 @@ from pathlib import Path
 from runtime.errors import FilaError
 
 
-def gpu_info() -> dict:
-    """Name and compute capability of GPU 0 via cuda-python (the ``trt`` extra)."""
+def import_cudart():
+    """cuda-python's runtime module (``cuda.bindings.runtime``; ``cuda.cudart`` before 12.6)."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
@@ -16,10 +16,16 @@ def gpu_info() -> dict:
             from cuda import cudart  # cuda-python < 12.6
         except ImportError as exc:
             raise FilaError(
-                "cuda-python is not installed: pip install 'fila-deploy[trt]' (it reads the GPU "
-                "that engines are built for and run on)"
+                "cuda-python is not installed: pip install 'fila-deploy[trt]' (on a Jetson the "
+                "jetpack6 / jetpack7 extra; it allocates the engines' buffers and reads the GPU "
+                "they are built for)"
             ) from exc
-    err, props = cudart.cudaGetDeviceProperties(0)
+    return cudart
+
+
+def gpu_info() -> dict:
+    """Name and compute capability of GPU 0 via cuda-python (the ``trt`` extra)."""
+    err, props = import_cudart().cudaGetDeviceProperties(0)
     if int(err) != 0:
         raise FilaError(f"no CUDA GPU found (cudaGetDeviceProperties(0) returned {err})")
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)

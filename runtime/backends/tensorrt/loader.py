@@ -1,5 +1,6 @@
 """The TensorRT loader: the plan built for one (stage, variant) of an export, checked against this
-machine (TensorRT version, GPU, source ONNX hash) and deserialized when called."""
+machine (the TensorRT version and GPU it was built with, its source ONNX hash, the plan's own
+hash) and deserialized when called."""
 
 from __future__ import annotations
 
@@ -26,14 +27,15 @@ def check_build_info(
     artifacts: Path,
     stage: str,
 ) -> None:
-    """Refuse a plan built for another TensorRT, GPU or ONNX file."""
+    """Refuse a plan built for another TensorRT, GPU or ONNX file. Each plan's entry says what
+    it was built with (``build_info.json`` from before: its top-level record)."""
     fix = REBUILD.format(art=artifacts, stage=stage)
-    if info.get("tensorrt") != trt_version:
+    built_with = entry.get("tensorrt", info.get("tensorrt"))
+    if built_with != trt_version:
         raise EngineMismatchError(
-            f"{entry['plan']} was built with TensorRT {info.get('tensorrt')}, this is "
-            f"{trt_version}; {fix}"
+            f"{entry['plan']} was built with TensorRT {built_with}, this is {trt_version}; {fix}"
         )
-    built_on = info.get("gpu", {})
+    built_on = entry.get("gpu", info.get("gpu", {}))
     if gpu is not None and not same_gpu(built_on, gpu):
         raise EngineMismatchError(
             f"{entry['plan']} was built on {describe(built_on)}, this GPU is {describe(gpu)}; {fix}"
@@ -110,12 +112,30 @@ class EngineLoader:
         art = self.manifest.folder
         source = self.manifest.variant(self.stage, self.variant)["sha256"]
         check_build_info(info, entry, source, trt.__version__, gpu_info(), art, self.stage)
-        plan = safe_path(art / ENGINE_DIR, entry["plan"])
-        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
-            plan.read_bytes()
-        )
+        plan = self.checked_plan(entry)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if engine is None:
             raise EngineMismatchError(
                 f"TensorRT could not deserialize {plan}; {REBUILD.format(art=art, stage=self.stage)}"
             )
         return engine
+
+    def checked_plan(self, entry: dict) -> Path:
+        """The plan file, refused when it is not the one ``fila build`` recorded (a copy from
+        another build, a truncated transfer); unchanged files are not re-hashed."""
+        art = self.manifest.folder
+        plan = safe_path(art / ENGINE_DIR, entry["plan"])
+        fix = REBUILD.format(art=art, stage=self.stage)
+        if not plan.is_file():
+            raise EngineMismatchError(f"{plan} is missing; {fix}")
+        expected = entry.get("plan_sha256")
+        if expected is None:
+            return plan  # recorded before plans were hashed
+        actual = self.manifest.verified.sha256(f"{ENGINE_DIR}/{entry['plan']}", plan, expected)
+        if actual != expected:
+            raise EngineMismatchError(
+                f"{plan} is not the plan fila build recorded (sha256 {actual[:12]}..., recorded "
+                f"{expected[:12]}...): it was changed or copied from another build; {fix}"
+            )
+        return plan
