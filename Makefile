@@ -8,7 +8,7 @@ DEMO_DIR ?= build/demo
 # (tests/standins/stubs.py); outside site-packages, where their tensorrt/ folder would import
 TRT_STUBS := 10.13.0.35.1
 
-.PHONY: setup demo test test-board lint clean
+.PHONY: setup setup-board demo test test-board lint clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,8 @@ $(BOARD_STAMP): pyproject.toml constraints/jetpack6.txt
 	$(BOARD_VENV)/bin/python -m pip install -q -c constraints/jetpack6.txt -e '.[runtime,jetpack6,serve]' onnxruntime pytest pytest-timeout httpx openai
 	$(BOARD_VENV)/bin/python -m pip install -q --no-deps --target $(BOARD_VENV)/trt-stubs 'tensorrt-stubs==$(TRT_STUBS)'
 	touch $(BOARD_STAMP)
+
+setup-board: $(BOARD_STAMP)
 
 test-board: $(BOARD_STAMP)
 	$(BOARD_VENV)/bin/python -c "import sys, numpy, importlib.util as u; print('board leg: Python', sys.version.split()[0], '| numpy', numpy.__version__, '| torch', 'installed' if u.find_spec('torch') else 'absent')"

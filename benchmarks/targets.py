@@ -82,25 +82,18 @@ def runtime_target(
         artifacts, backend=backend, precision=precision, decoder=decoder, **opts
     )
     manifest = pipe.manifest
-    chain = timed_chain(manifest, backend, precision)
-    modular = load_vision_chain(manifest, backend, precision, **opts) if chain else None
     cfg = pipe.preprocess_config
     image = load_image(image_path)
     pre = preprocess(image, cfg)
     t = Target(backend, precision, decoder_stage=pipe.decoder_stage)
     t.vision = vision_variant(manifest, backend, precision)
     t.threads_used = session_threads(pipe.runners[pipe.decoder_stage])
+    chain = timed_chain(manifest, backend, precision)
+    modular = load_vision_chain(manifest, backend, precision, **opts) if chain else None
     t.memory_mb["loaded"] = rss_mb()  # the pipeline and the modular chain's stages
+    add_chain_stages(t, modular, pre)
     t.stages["preprocess"] = [lambda: preprocess(image, cfg)]
     t.stages["vision"] = [lambda: pipe.run_vision(pre)]
-    feeds = {}
-    if modular is not None:
-        modular(pre, record=feeds)  # one pass records each stage's inputs
-    for name in chain:
-        runner = modular.runners[name]
-        t.stages.setdefault(stage_group(name), []).append(
-            lambda r=runner, f=feeds[name]: r.infer(f)
-        )
     _, ids = pipe.prompts.request_ids(prompt, [pre.num_tokens])
     prompt_embeds = pipe.prompt_embeds(ids, [pre], [pipe.run_vision(pre)])
     t.memory_mb["after_vision"] = rss_mb()
@@ -137,6 +130,20 @@ def runtime_target(
     if backend == "tensorrt" and engines.is_dir():
         t.sizes.update({p.name: p.stat().st_size for p in engines.glob("*.plan")})
     return t
+
+
+def add_chain_stages(t: Target, modular, pre) -> None:
+    """The modular chain's stages (a ``VisionEncoder``, or None: not timed), each timed on the
+    inputs one pass over this image records, under its group (``vit.2`` -> ``vit``)."""
+    if modular is None:
+        return
+    feeds: dict = {}
+    modular(pre, record=feeds)
+    for spec in modular.chain:
+        name, runner = spec.name, modular.runners[spec.name]
+        t.stages.setdefault(stage_group(name), []).append(
+            lambda r=runner, f=feeds[name]: r.infer(f)
+        )
 
 
 def timed_chain(manifest, backend: str, precision: str) -> list[str]:

@@ -41,9 +41,12 @@ class DeviceArray:
             int(np.prod(self.shape[i + 1 :])) * self.dtype.itemsize for i in range(len(self.shape))
         ]
         offset, dims = 0, list(self.shape)
+        if len(key) > len(self.shape):
+            raise IndexError(f"{len(key)} indices for a {len(self.shape)}-d device array")
         for axis, index in enumerate(key):
             if isinstance(index, slice):
                 start, stop, step = index.indices(self.shape[axis])
+                stop = max(stop, start)
                 if step != 1 or axis != len(key) - 1:
                     raise IndexError("a device view takes integers, then one step-1 slice")
                 offset += start * strides[axis]
@@ -54,20 +57,23 @@ class DeviceArray:
                     self.device,
                     self.owner,
                 )
-            offset += int(index) * strides[axis]
+            if not -self.shape[axis] <= int(index) < self.shape[axis]:
+                raise IndexError(f"index {index} out of range for axis {axis} ({self.shape[axis]})")
+            offset += (int(index) % self.shape[axis]) * strides[axis]
             dims = list(self.shape[axis + 1 :])
         return DeviceArray(self.ptr + offset, tuple(dims), self.dtype, self.device, self.owner)
 
 
 def allocate(shape: tuple[int, ...], dtype: np.dtype, device: str = "cpu"):
-    """A zeroed buffer: a numpy array on the host, a ``DeviceArray`` over an ONNX Runtime
-    ``OrtValue`` on ``cuda`` (zeros copied in once; the cache is never read where unwritten)."""
-    zeros = np.zeros(shape, dtype=dtype)
+    """A cache buffer: zeros in a numpy array on the host, a ``DeviceArray`` over an ONNX Runtime
+    ``OrtValue`` on ``cuda``."""
     if device == "cpu":
-        return zeros
+        return np.zeros(shape, dtype=dtype)
     import onnxruntime as ort
 
-    value = ort.OrtValue.ortvalue_from_numpy(zeros, device, 0)
+    # uninitialised (a zeroed host copy first would hold the cache twice on a Jetson's shared
+    # memory): the decoders read only positions they wrote
+    value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), device, 0)
     return DeviceArray(int(value.data_ptr()), tuple(shape), np.dtype(dtype), device, value)
 
 

@@ -247,10 +247,14 @@ def _open_on_device(ort, source, opts, providers: list[str], where):
         opts.add_session_config_entry(placement.RECORD_OPTION, "1")
         session = _open(ort, source, opts, providers, where)
         nodes = placement.assigned_to_cpu(session)
-    else:  # ONNX Runtime < 1.24: the verbose log of the session's creation
-        opts.log_severity_level = 0
+    else:  # an older ONNX Runtime: the verbose log of a probe session's creation, then the
+        # session itself at the usual log level (a verbose session would log on every run)
+        severity, opts.log_severity_level = opts.log_severity_level, 0
         with placement.captured_stderr() as log:
-            session = _open(ort, source, opts, providers, where)
+            probe = _open(ort, source, opts, providers, where)
+        del probe
+        opts.log_severity_level = severity
+        session = _open(ort, source, opts, providers, where)
         graph = source if isinstance(source, str) else None
         nodes = placement.cpu_nodes_from_log(
             log[0], lambda: placement.graph_nodes(graph) if graph else []

@@ -7,6 +7,7 @@ KV-cached decoder loop -> text, with per-stage timings.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -106,17 +107,20 @@ def load_runners(
                 )
             runners[name] = load_runner(backend, manifest, name, variant, **options)
     except BaseException:
-        close_runners(runners)  # the stages loaded before the one that failed
+        with contextlib.suppress(Exception):  # the load's own error is the one to report
+            close_runners(runners)  # the stages loaded before the one that failed
         raise
     return runners
 
 
 def close_runners(runners: dict) -> None:
-    """Close every runner (device buffers, caches, engines, streams, sessions)."""
-    for runner in runners.values():
-        close = getattr(runner, "close", None)
-        if close is not None:
-            close()
+    """Close every runner (device buffers, caches, engines, streams, sessions), each even when
+    one before it fails (the first failure is raised after the rest are closed)."""
+    with contextlib.ExitStack() as stack:
+        for runner in runners.values():
+            close = getattr(runner, "close", None)
+            if close is not None:
+                stack.callback(close)
 
 
 def load_vision_chain(
@@ -189,7 +193,8 @@ class FilaPipeline:
         try:
             return cls(manifest, runners, prompt_builder(manifest), backend, decoder_stage)
         except BaseException:
-            close_runners(runners)
+            with contextlib.suppress(Exception):
+                close_runners(runners)
             raise
 
     # --- a request: images and prompt -> the decoder's input --------------------------------

@@ -11,10 +11,9 @@ import sys
 import pytest
 from conftest import ROOT, copy_export, run_fila, serving
 
+pytestmark = pytest.mark.board
 BLOCKER = """
 import sys
-
-pytestmark = pytest.mark.board
 
 BLOCKED = ("torch", "torchvision", "transformers", "timm")
 

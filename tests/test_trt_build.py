@@ -75,6 +75,17 @@ def test_trtexec_script_matches_profiles(tiny_artifacts, tmp_path):
                 assert f"{name}:{'x'.join(map(str, pmax))}" in hi
 
 
+def test_trtexec_script_for_tensorrt_8_6_sets_precision_flags(tiny_artifacts, tmp_path):
+    """JetPack 6.0's trtexec has no --stronglyTyped: an fp16 graph gets --fp16 there."""
+    script = tmp_path / "build.sh"
+    args = ["build", "--artifacts", str(tiny_artifacts), "--emit-trtexec", str(script)]
+    r = run_fila(*args, "--trt-version", "8.6")
+    assert r.returncode == 0, r.stderr
+    text = script.read_text()
+    assert "--stronglyTyped" not in text and text.count("--fp16") == 3
+    assert "--int8" not in text
+
+
 def test_build_without_tensorrt_says_how_to_get_it(tiny_artifacts):
     pytest.importorskip("torch")
     try:

@@ -6,13 +6,15 @@ speed (the stand-in runs the plan's ONNX graph on ONNX Runtime's CPU provider)."
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT, copy_export, random_image, run_fila
-from standins import cudart_standin
+from standins import cudart_standin, trt_types
 
 from runtime.errors import EngineMismatchError, FilaError
 
@@ -68,6 +70,7 @@ def test_three_generates_match_onnxruntime_and_close_frees_every_byte(tiny_engin
     ) as ort_pipe:
         want = generate_tokens(ort_pipe)
     before = cudart_standin.live_bytes()
+    trt_types.VIOLATIONS.clear()
     pipe = FilaPipeline.from_artifacts(tiny_engines, backend="tensorrt", precision="fp16")
     decoder = pipe.runners["decoder"]
     got = generate_tokens(pipe)
@@ -78,6 +81,8 @@ def test_three_generates_match_onnxruntime_and_close_frees_every_byte(tiny_engin
     assert decoder.engine is None and decoder.context is None and decoder.cache_ptr is None
     assert cudart_standin.live_bytes() == before == 0
     assert cudart_standin.live_allocations() == 0 and cudart_standin.live_streams() == 0
+    gc.collect()
+    assert trt_types.VIOLATIONS == []  # each engine went before the runtime that made it
 
 
 def test_validate_reference_on_tensorrt_checks_the_decoder(tiny_engines):
@@ -94,17 +99,31 @@ def test_validate_reference_on_tensorrt_checks_the_decoder(tiny_engines):
 
 
 def test_a_runner_that_fails_while_it_loads_frees_what_it_took(tiny_engines):
+    """Each of the decoder runner's allocations failing in turn (its I/O buffers, then the
+    cache and scratch of a first step): nothing allocated before the failure is left."""
     from runtime.backends import load_runner
+    from runtime.generate import Decoder
     from runtime.manifest import Manifest
+    from runtime.pipeline import FilaPipeline
 
     manifest = Manifest.load(tiny_engines)
-    cudart_standin.set_memory_limit(4096)  # the vision engine's buffers need more
-    try:
-        with pytest.raises(FilaError, match="cudaErrorMemoryAllocation"):
-            load_runner("tensorrt", manifest, "vision", "fp16")
-    finally:
-        cudart_standin.set_memory_limit(None)
-    assert cudart_standin.live_bytes() == 0 and cudart_standin.live_streams() == 0
+    shape = FilaPipeline.from_artifacts(tiny_engines, vision="none").decoder_shape
+    steps = 0
+    for allowed in range(64):
+        cudart_standin.fail_after(allowed)
+        try:
+            with load_runner("tensorrt", manifest, "decoder", "fp16") as runner:
+                decoder = Decoder(runner, shape, batch=1, max_len=8)
+                decoder.prefill(np.zeros((1, 3, 64), np.float32), np.ones((1, 3), np.int64))
+                decoder.decode_one_token(np.zeros((1, 1, 64), np.float32))
+            break  # every allocation succeeded
+        except FilaError as exc:
+            assert "cudaErrorMemoryAllocation" in str(exc)
+            steps += 1
+        finally:
+            cudart_standin.fail_after(None)
+        assert cudart_standin.live_bytes() == 0 and cudart_standin.live_streams() == 0, allowed
+    assert steps >= 4  # buffers, cache and scratch each failed once
 
 
 def test_a_pipeline_whose_later_stage_fails_closes_the_stages_it_loaded(tiny_engines, tmp_path):
@@ -171,6 +190,28 @@ def test_build_keeps_the_entries_of_other_precisions(standin, tiny_artifacts, tm
         assert entry["tensorrt"].endswith("+standin") and entry["gpu"]["compute_capability"]
     assert info["engines"]["embed.fp16"]["strongly_typed"] is True
     assert info["engines"]["embed.fp32"]["built"].startswith("recorded")
+
+
+def test_an_entry_from_before_per_plan_records_keeps_what_built_it(
+    standin, tiny_artifacts, tmp_path
+):
+    """build_info.json written before entries said what built them: a later build rewrites the
+    top level, but the old entry keeps the top level it had (not the new machine's)."""
+    from fila_export.tensorrt.build import build_engines
+    from runtime.backends import load_runner
+    from runtime.manifest import Manifest
+
+    art = copy_export(tiny_artifacts, tmp_path / "art")
+    info_path = build_engines(art, "fp16", stages=["embed"], progress=False)
+    info = json.loads(info_path.read_text())
+    for key in ("tensorrt", "gpu", "jetson_l4t", "built"):
+        info["engines"]["embed.fp16"].pop(key)
+    info["tensorrt"] = "10.3.0.30"  # the old format: one record for every plan
+    info_path.write_text(json.dumps(info))
+    build_engines(art, "fp32", stages=["embed"], progress=False)
+    assert json.loads(info_path.read_text())["engines"]["embed.fp16"]["tensorrt"] == "10.3.0.30"
+    with pytest.raises(EngineMismatchError, match="built with TensorRT 10.3.0.30"):
+        load_runner("tensorrt", Manifest.load(art), "embed", "fp16")
 
 
 def test_tensorrt_8_6_builds_q_dq_graphs_with_the_int8_flag(standin, tiny_artifacts, tmp_path):

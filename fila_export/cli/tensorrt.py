@@ -36,6 +36,12 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--record", action="store_true", help="write build_info.json for plans trtexec built"
     )
+    p.add_argument(
+        "--trt-version",
+        default="10.3",
+        help="with --emit-trtexec: the board's TensorRT (default 10.3; 8.6 gets --fp16/--int8 "
+        "instead of --stronglyTyped)",
+    )
     p.set_defaults(func=cmd_build)
 
 
@@ -72,7 +78,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     cache = Path(args.timing_cache) if args.timing_cache else None
     opts = build.BuildOptions(args.workspace_mb, cache, args.max_batch, args.tf32)
     if args.emit_trtexec:
-        script = build.trtexec_script(args.artifacts, args.precision, stages, opts)
+        script = build.trtexec_script(
+            args.artifacts, args.precision, stages, opts, args.trt_version
+        )
         path = Path(args.emit_trtexec)
         path.write_text(script)
         path.chmod(0o755)

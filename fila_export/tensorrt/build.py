@@ -14,6 +14,7 @@ asked for.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import time
@@ -23,7 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime.backends.tensorrt.device import gpu_info, jetson_release
-from runtime.backends.tensorrt.loader import BUILD_INFO, ENGINE_DIR, import_tensorrt
+from runtime.backends.tensorrt.loader import (
+    BUILD_INFO,
+    ENGINE_DIR,
+    MACHINE_KEYS,
+    import_tensorrt,
+    read_build_info,
+)
 from runtime.errors import FilaError
 from runtime.manifest import Manifest, sha256_file
 from runtime.profiles import Profile, stage_profiles
@@ -174,27 +181,15 @@ def machine_record(trt_mod, built: str) -> dict:
     }
 
 
-def read_build_info(out_dir: Path) -> dict:
-    """engines/build_info.json as it is (every precision's entries), or a new one."""
-    path = out_dir / BUILD_INFO
-    if not path.is_file():
-        return {"engines": {}}
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FilaError(f"{path} is not valid JSON ({exc}); delete it and run fila build") from exc
-    info.setdefault("engines", {})
-    return info
-
-
 def add_entry(out_dir: Path, info: dict, key: str, entry: dict, machine: dict) -> None:
-    """Record one plan (with what it was built with) and rewrite build_info.json; the top level
-    says where the latest plan was built, each entry where its own was."""
+    """Record one plan (with what it was built with) and rewrite build_info.json atomically (a
+    run starting meanwhile reads the old record or the new one); the top level says where the
+    latest plan was built, each entry where its own was."""
     info.update(machine)
-    info["engines"][key] = entry | {
-        k: machine[k] for k in ("tensorrt", "gpu", "jetson_l4t", "built")
-    }
-    (out_dir / BUILD_INFO).write_text(json.dumps(info, indent=2))
+    info["engines"][key] = entry | {k: machine[k] for k in MACHINE_KEYS}
+    tmp = out_dir / f"{BUILD_INFO}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, out_dir / BUILD_INFO)
 
 
 def build_engines(
@@ -248,13 +243,24 @@ def shape_arg(profile_shapes: dict, index: int) -> str:
     )
 
 
+def typing_args(trt_version: str, onnx_path: Path) -> list[str]:
+    """trtexec's precision arguments: ``--stronglyTyped`` on TensorRT 10+, the flags a weakly
+    typed build needs before (TensorRT 8.6 has no ``--stronglyTyped``)."""
+    if trt_major(trt_version) >= 10:
+        return ["--stronglyTyped"]
+    has_fp16, qdq = graph_precisions(onnx_path)
+    return [*(["--fp16"] if has_fp16 or qdq else []), *(["--int8"] if qdq else [])]
+
+
 def trtexec_script(
     artifacts: str | Path,
     precision: str = "fp16",
     stages: Sequence[str] | None = None,
     opts: BuildOptions | None = None,
+    trt_version: str = "10.3",
 ) -> str:
-    """A shell script of trtexec commands equivalent to ``fila build`` (shapes from the manifest).
+    """A shell script of trtexec commands equivalent to ``fila build`` (shapes from the manifest)
+    for the TensorRT the board has (default: JetPack 6.1/6.2's 10.3).
 
     trtexec takes one profile per --minShapes/--optShapes/--maxShapes group, in order, so the
     engines have the same profiles as ours and load in the runtime the same way.
@@ -275,7 +281,7 @@ def trtexec_script(
         args = [
             f"--onnx={onnx_file}",
             f"--saveEngine={ENGINE_DIR}/{name}.{variant}.plan",
-            "--stronglyTyped",
+            *typing_args(trt_version, manifest.stage_path(name, variant)),
             "--skipInference",
             *([] if opts.tf32 else ["--noTF32"]),
         ]

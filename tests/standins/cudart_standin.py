@@ -73,6 +73,8 @@ class _State:
         self.streams: set[int] = set()
         self.next_stream = 0x5000
         self.limit: int | None = None  # bytes, to make an allocation fail on purpose
+        self.fail_after: int | None = None  # allocations, likewise
+        self.mallocs = 0
         self.device = cudaDeviceProp()
 
 
@@ -100,6 +102,12 @@ def live_streams() -> int:
 def set_memory_limit(limit: int | None) -> None:
     """Make ``cudaMalloc`` fail once the live bytes would pass ``limit`` (an out-of-memory)."""
     _state.limit = limit
+
+
+def fail_after(allocations: int | None) -> None:
+    """Make every ``cudaMalloc`` after the next ``allocations`` ones fail (None: none fail)."""
+    _state.fail_after = allocations
+    _state.mallocs = 0
 
 
 def device_view(ptr: int, nbytes: int) -> np.ndarray:
@@ -135,6 +143,9 @@ def cudaMalloc(size: int):  # noqa: N802
     if size < 0:
         return (cudaError_t.cudaErrorInvalidValue, 0)
     if _state.limit is not None and live_bytes() + size > _state.limit:
+        return (cudaError_t.cudaErrorMemoryAllocation, 0)
+    _state.mallocs += 1
+    if _state.fail_after is not None and _state.mallocs > _state.fail_after:
         return (cudaError_t.cudaErrorMemoryAllocation, 0)
     backing = np.zeros(size + ALIGNMENT, dtype=np.uint8)
     base = backing.ctypes.data

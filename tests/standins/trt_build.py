@@ -272,6 +272,12 @@ def _build_problem(network: INetworkDefinition, config: IBuilderConfig) -> str |
                 if not fits:
                     return f"profile {i}: shape {shape} of {t.name} does not fit its dims {t.shape}"
     strongly = network.get_flag(NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    precision = [f.name for f in PRECISION_FLAGS if config.get_flag(f)]
+    if strongly and precision:  # types come from the network (trtexec: --fp16 vs --stronglyTyped)
+        return f"a strongly typed network takes no precision flags (set: {', '.join(precision)})"
     if not strongly and network._source["qdq"] and not config.get_flag(BuilderFlag.INT8):
         return "Q/DQ layers in a network that is not strongly typed need BuilderFlag.INT8"
     return None
+
+
+PRECISION_FLAGS = (BuilderFlag.FP16, BuilderFlag.INT8, BuilderFlag.BF16)

@@ -25,6 +25,7 @@ Its surface is held to NVIDIA's published type stubs (``tests/test_trt_standin.p
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ from standins.trt_types import (
     ALIGNMENT,
     NUMPY,
     PLAN_MAGIC,
+    VIOLATIONS,
     BuilderFlag,
     DataType,
     Dims,
@@ -60,7 +62,7 @@ from standins.trt_types import (
 __version__ = "10.13.0.35+standin"
 STANDIN = True
 STANDIN_ONLY = {"STANDIN", "PLAN_MAGIC", "ALIGNMENT", "STANDIN_ONLY", "StandInViolation"}
-STANDIN_ONLY |= {"ONNX_TYPES", "NUMPY", "sha256", "cudart"}
+STANDIN_ONLY |= {"ONNX_TYPES", "NUMPY", "sha256", "cudart", "VIOLATIONS", "weakref"}
 __all__ = [  # TensorRT's names the stand-in offers
     "Builder",
     "BuilderFlag",
@@ -89,6 +91,13 @@ __all__ = [  # TensorRT's names the stand-in offers
 class Runtime:
     def __init__(self, logger: ILogger) -> None:
         self.logger = logger
+        self._engines: weakref.WeakSet = weakref.WeakSet()
+
+    def __del__(self) -> None:
+        if len(self._engines):  # TensorRT: "destroying a runtime before destroying deserialized
+            VIOLATIONS.append(  # engines created by the runtime leads to undefined behavior"
+                f"a Runtime was destroyed while {len(self._engines)} of its engines lived"
+            )
 
     def deserialize_cuda_engine(self, serialized_engine) -> ICudaEngine | None:
         data = bytes(serialized_engine)
@@ -106,7 +115,9 @@ class Runtime:
             if not Path(name).is_file() or sha256(Path(name)) != sha:
                 self.logger.log(ILogger.ERROR, f"{name} changed since the plan was built")
                 return None
-        return ICudaEngine(plan, self.logger)
+        engine = ICudaEngine(plan, self.logger)
+        self._engines.add(engine)
+        return engine
 
 
 class ICudaEngine:

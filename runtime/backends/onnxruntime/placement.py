@@ -2,12 +2,14 @@
 TensorRT) was asked for: a silent fallback that would otherwise go unseen (the session's log level
 hides ONNX Runtime's own notice). Compute nodes that fall back are warned about by name at load.
 
-ONNX Runtime >= 1.24 reports the placement through ``get_provider_graph_assignment_info`` (with
-the session option ``session.record_ep_graph_assignment_info``). Older builds, such as the 1.23
-that JetPack 6 wheels and Python 3.10 with numpy < 2 give, print it only in their verbose log
-while the session is created ("Node(s) placed on [CPUExecutionProvider]. Number of nodes: N"
-followed by one "  OpType (name)" line a node, or "All nodes placed on [EP]"), so there the log
-is captured for that moment and read.
+Recent ONNX Runtime (1.32 here) reports the placement through
+``get_provider_graph_assignment_info`` (with the session option
+``session.record_ep_graph_assignment_info``). Older builds without it, such as the 1.23 that
+Python 3.10 with numpy < 2 resolves to, print it only in their verbose log while a session is
+created ("Node(s) placed on [CPUExecutionProvider]. Number of nodes: N" followed by one
+"  OpType (name)" line a node, or "All nodes placed on [EP]"): there a probe session is created
+with that log captured (other stderr output of that moment with it) and dropped, and the session
+itself is created at the usual log level.
 """
 
 from __future__ import annotations

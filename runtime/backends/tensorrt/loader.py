@@ -47,12 +47,33 @@ def check_build_info(
         )
 
 
+MACHINE_KEYS = ("tensorrt", "gpu", "jetson_l4t", "built")
+
+
+def read_build_info(engine_dir: Path) -> dict:
+    """``engines/build_info.json`` (``{"engines": {}}`` when there is none), each entry carrying
+    what its plan was built with: an entry written before entries did gets the top level's
+    record now, so a later build that rewrites the top level does not vouch for it."""
+    path = Path(engine_dir) / BUILD_INFO
+    if not path.is_file():
+        return {"engines": {}}
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EngineMismatchError(
+            f"{path} is not valid JSON ({exc}); rebuild the engines: fila build --artifacts "
+            f"{Path(engine_dir).parent}"
+        ) from exc
+    for entry in info.setdefault("engines", {}).values():
+        for key in MACHINE_KEYS:
+            if key in info:
+                entry.setdefault(key, info[key])
+    return info
+
+
 def built_engines(manifest: Manifest) -> set[tuple[str, str]]:
     """(stage, variant) of every plan ``fila build`` recorded for this export."""
-    info_path = manifest.folder / ENGINE_DIR / BUILD_INFO
-    if not info_path.is_file():
-        return set()
-    engines = json.loads(info_path.read_text()).get("engines", {})
+    engines = read_build_info(manifest.folder / ENGINE_DIR)["engines"]
     return {(e["stage"], e["precision"]) for e in engines.values()}
 
 
@@ -81,17 +102,17 @@ class EngineLoader:
     stage: str
     variant: str
     memory: object = field(default=None, repr=False)  # device memory for the runner (tests: fake)
+    runtime: object = field(default=None, repr=False)  # the trt.Runtime of the last engine made
 
     def entry(self) -> tuple[dict, dict]:
         """(build_info.json, this stage variant's engine entry)."""
         art = self.manifest.folder
-        info_path = art / ENGINE_DIR / BUILD_INFO
-        if not info_path.is_file():
+        if not (art / ENGINE_DIR / BUILD_INFO).is_file():
             raise EngineMismatchError(
                 f"no engines in {art / ENGINE_DIR}; build them: fila build --artifacts {art}"
             )
-        info = json.loads(info_path.read_text())
-        entry = info.get("engines", {}).get(f"{self.stage}.{self.variant}")
+        info = read_build_info(art / ENGINE_DIR)
+        entry = info["engines"].get(f"{self.stage}.{self.variant}")
         if entry is None:
             raise EngineMismatchError(
                 f"no engine for stage {self.stage} ({self.variant}); "
@@ -107,35 +128,41 @@ class EngineLoader:
         return stage_profiles(self.manifest, self.stage)
 
     def __call__(self):
+        """The deserialized engine; the TensorRT runtime that made it is kept in ``runtime``
+        (it must outlive the engine: the runner holds both and releases the engine first)."""
         trt = import_tensorrt()
         info, entry = self.entry()
         art = self.manifest.folder
         source = self.manifest.variant(self.stage, self.variant)["sha256"]
         check_build_info(info, entry, source, trt.__version__, gpu_info(), art, self.stage)
-        plan = self.checked_plan(entry)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        data = self.plan_bytes(entry)
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = self.runtime.deserialize_cuda_engine(data)
+        del data
         if engine is None:
             raise EngineMismatchError(
-                f"TensorRT could not deserialize {plan}; {REBUILD.format(art=art, stage=self.stage)}"
+                f"TensorRT could not deserialize {entry['plan']}; "
+                f"{REBUILD.format(art=art, stage=self.stage)}"
             )
         return engine
 
-    def checked_plan(self, entry: dict) -> Path:
-        """The plan file, refused when it is not the one ``fila build`` recorded (a copy from
-        another build, a truncated transfer); unchanged files are not re-hashed."""
+    def plan_bytes(self, entry: dict) -> bytes | bytearray:
+        """The plan's bytes, read once and refused when they are not the plan ``fila build``
+        recorded (a copy from another build, a truncated transfer); an unchanged file is not
+        hashed again (``runtime.verified``)."""
         art = self.manifest.folder
         plan = safe_path(art / ENGINE_DIR, entry["plan"])
         fix = REBUILD.format(art=art, stage=self.stage)
         if not plan.is_file():
             raise EngineMismatchError(f"{plan} is missing; {fix}")
         expected = entry.get("plan_sha256")
-        if expected is None:
-            return plan  # recorded before plans were hashed
-        actual = self.manifest.verified.sha256(f"{ENGINE_DIR}/{entry['plan']}", plan, expected)
+        if expected is None:  # recorded before plans were hashed
+            return plan.read_bytes()
+        name = f"{ENGINE_DIR}/{entry['plan']}"
+        data, actual = self.manifest.verified.read(name, plan, expected)
         if actual != expected:
             raise EngineMismatchError(
                 f"{plan} is not the plan fila build recorded (sha256 {actual[:12]}..., recorded "
                 f"{expected[:12]}...): it was changed or copied from another build; {fix}"
             )
-        return plan
+        return data

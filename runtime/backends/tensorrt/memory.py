@@ -67,5 +67,7 @@ class CudaMemory:
         """Destroy the stream (after the work on it is done)."""
         if self.stream is not None:
             stream, self.stream, self.stream_handle = self.stream, None, 0
-            self._check(self.cudart.cudaStreamSynchronize(stream))
-            self._check(self.cudart.cudaStreamDestroy(stream))
+            try:
+                self._check(self.cudart.cudaStreamSynchronize(stream))
+            finally:
+                self._check(self.cudart.cudaStreamDestroy(stream))

@@ -13,6 +13,7 @@ device. A runner owns its buffers, its cache, its execution context, its engine 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -53,8 +54,10 @@ class TrtRunner:
         name: str,
         memory: CudaMemory,
         owns_memory: bool = False,
+        runtime: trt.Runtime | None = None,
     ) -> None:
         self.name = name
+        self.runtime = runtime  # the one that deserialized the engine: it must outlive it
         self.engine: trt.ICudaEngine | None = engine
         self.profiles = profiles
         self.memory = memory
@@ -154,10 +157,7 @@ class TrtRunner:
         t0 = time.perf_counter()
         self._prepare({n: feeds[n].shape for n in self.input_names})
         context = self._context()
-        for name in self.input_names:
-            array = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
-            self.memory.upload(self.buffers[name], array)
-            self.bind(name, self.buffers[name])
+        self._upload(feeds, self.input_names)
         outputs = {}
         for name in self.output_names:
             shape = as_shape(context.get_tensor_shape(name))
@@ -170,15 +170,32 @@ class TrtRunner:
         self.last_inference_time = time.perf_counter() - t0
         return outputs
 
+    def _upload(self, feeds: dict[str, np.ndarray], names: list[str]) -> None:
+        """Copy these inputs into their buffers (at the engine's dtype) and bind them."""
+        for name in names:
+            array = np.ascontiguousarray(feeds[name], self.dtypes[name])
+            self.memory.upload(self.buffers[name], array)
+            self.bind(name, self.buffers[name])
+
     def close(self) -> None:
-        """Free the device buffers, then the execution context, the engine and the stream."""
+        """Wait for the stream, free the device buffers, then drop the execution context, the
+        engine and its runtime (in that order) and destroy the stream; a failing step does not
+        keep the later ones from running."""
         buffers, self.buffers = self.buffers, {}
-        for ptr in buffers.values():
-            self.memory.free(ptr)
-        self.context = None  # before the engine it was made from
-        self.engine = None
-        if self.owns_memory and self.memory is not None:
-            self.memory.close()
+        try:
+            if buffers and self.owns_memory:
+                self.memory.synchronize()  # nothing in flight reads or writes what is freed
+        finally:
+            try:
+                for ptr in buffers.values():
+                    with contextlib.suppress(FilaError):  # one bad free must not leak the rest
+                        self.memory.free(ptr)
+            finally:
+                self.context = None  # before the engine it was made from
+                self.engine = None  # before the runtime that made it
+                self.runtime = None
+                if self.owns_memory and self.memory is not None:
+                    self.memory.close()
 
     def __enter__(self) -> TrtRunner:
         return self
@@ -230,8 +247,12 @@ class TrtDecoderRunner(TrtRunner):
         self.cache_key, self.scratch_bytes = None, 0
 
     def close(self) -> None:
-        self._free_cache()
-        super().close()
+        try:
+            if self.owns_memory and self.cache_ptr is not None:
+                self.memory.synchronize()
+            self._free_cache()
+        finally:
+            super().close()
 
     def cache_address(self, layer: int, kv: int, position: int) -> int:
         if self.cache_ptr is None:
@@ -255,16 +276,21 @@ class TrtDecoderRunner(TrtRunner):
         to make after the step."""
         copies = []
         slot = aligned(seq * self.row_bytes)
+        for i, kv, tag in self._kv():
+            self.bind(f"past.{i}.{tag}", self.cache_address(i, kv, 0))
+            target = self.cache_address(i, kv, past_len)
+            if target % ALIGNMENT:
+                scratch = self._scratch(seq) + (i * 2 + kv) * slot
+                copies.append((target, scratch))
+                target = scratch
+            self.bind(f"present.{i}.{tag}", target)
+        return copies
+
+    def _kv(self):
+        """(layer, 0 for K / 1 for V, "key" / "value") of every cache tensor."""
         for i in range(self.num_layers):
             for kv, tag in enumerate(("key", "value")):
-                self.bind(f"past.{i}.{tag}", self.cache_address(i, kv, 0))
-                target = self.cache_address(i, kv, past_len)
-                if target % ALIGNMENT:
-                    target_slot = self._scratch(seq) + (i * 2 + kv) * slot
-                    copies.append((self.cache_address(i, kv, past_len), target_slot))
-                    target = target_slot
-                self.bind(f"present.{i}.{tag}", target)
-        return copies
+                yield i, kv, tag
 
     def run_step(self, feeds: dict[str, np.ndarray], past_len: int, seq: int) -> np.ndarray:
         """Run prefill/decode; past is read from and present written into the device cache."""
@@ -273,14 +299,9 @@ class TrtDecoderRunner(TrtRunner):
         t0 = time.perf_counter()
         plain = [n for n in self.input_names if not n.startswith("past.")]
         shapes = {n: feeds[n].shape for n in plain}
-        for i in range(self.num_layers):
-            for tag in ("key", "value"):
-                shapes[f"past.{i}.{tag}"] = (past_len, *self.row_shape)
+        shapes |= {f"past.{i}.{tag}": (past_len, *self.row_shape) for i, _, tag in self._kv()}
         self._prepare(shapes)
-        for name in plain:
-            array = np.ascontiguousarray(feeds[name], self.dtypes[name])
-            self.memory.upload(self.buffers[name], array)
-            self.bind(name, self.buffers[name])
+        self._upload(feeds, plain)
         copies = self._bind_cache(past_len, seq)
         logits = np.empty(
             as_shape(self._context().get_tensor_shape("logits")), self.dtypes["logits"]
@@ -303,16 +324,14 @@ class TrtDecoderRunner(TrtRunner):
         seq = feeds["inputs_embeds"].shape[1]
         self.ensure_cache(self.kv_layers, past_len + seq, row_shape)
         dtype = self.dtypes["past.0.key"]
-        for i in range(self.num_layers):
-            for kv, tag in enumerate(("key", "value")):
-                array = np.ascontiguousarray(feeds[f"past.{i}.{tag}"], dtype)
-                self.memory.upload(self.cache_address(i, kv, 0), array)
+        for i, kv, tag in self._kv():
+            array = np.ascontiguousarray(feeds[f"past.{i}.{tag}"], dtype)
+            self.memory.upload(self.cache_address(i, kv, 0), array)
         outputs = {"logits": self.run_step(feeds, past_len, seq)}
-        for i in range(self.num_layers):
-            for kv, tag in enumerate(("key", "value")):
-                present = np.empty((seq, *row_shape), dtype)
-                self.memory.download(present, self.cache_address(i, kv, past_len))
-                outputs[f"present.{i}.{tag}"] = present
+        for i, kv, tag in self._kv():
+            present = np.empty((seq, *row_shape), dtype)
+            self.memory.download(present, self.cache_address(i, kv, past_len))
+            outputs[f"present.{i}.{tag}"] = present
         self.memory.synchronize()
         return outputs
 
@@ -366,7 +385,8 @@ def runner_for(loader, memory=None) -> TrtRunner:
             if any(n.startswith("past.") for n in spec.input_names())
             else TrtRunner
         )
-        return cls(loader(), loader.profiles(), loader.stage, memory, owns_memory=owns)
+        engine = loader()
+        return cls(engine, loader.profiles(), loader.stage, memory, owns, loader.runtime)
     except BaseException:
         if owns:
             memory.close()
